@@ -1,0 +1,216 @@
+"""Command line: ``ensemble ingest | info | demo | reference | export | bench``.
+
+Configuration is read here, at the edge, and passed on as plain arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _parse_masses(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        label, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[label.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: --masses expects LABEL=AMU[,LABEL=AMU...], got {item!r}") from None
+    return out
+
+
+def _progress(label: str):
+    last = [0.0]
+    tty = sys.stderr.isatty()
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.5 and done < total:
+            return
+        last[0] = now
+        end = "\n" if done >= total or not tty else ""
+        sys.stderr.write(f"\r{label}: {done}/{total} frames{end}")
+        sys.stderr.flush()
+
+    return report
+
+
+def _print_ingest(report, out: Path) -> None:
+    from .io import format_summary, open_trajectory, summarize
+
+    print(f"wrote {out}: {report.frames} frames x {report.natoms} atoms "
+          f"({report.bytes_read / 1e6:.1f} MB read in {report.seconds:.2f} s, {report.mb_per_s:.0f} MB/s)")
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.kinetic_energy_max_rel_error is not None:
+        print(f"kinetic energy vs CP2K .ener: max relative error {report.kinetic_energy_max_rel_error:.2e}")
+    print(format_summary(summarize(open_trajectory(out)), str(out)))
+
+
+def cmd_ingest(args) -> int:
+    out = Path(args.out)
+    cell = None
+    if args.cell:
+        if len(args.cell) not in (3, 9):
+            raise SystemExit("error: --cell takes 3 lengths or 9 numbers (cell vectors a, b, c), in Å")
+        import numpy as np
+
+        cell = np.array(args.cell, dtype=float)
+        cell = np.diag(cell) if cell.size == 3 else cell.reshape(3, 3)
+    masses = _parse_masses(args.masses)
+    src = Path(args.source)
+    fmt = args.format
+    if fmt == "auto":
+        fmt = "cp2k" if (src.is_dir() or src.name.endswith("-pos-1.xyz")
+                         or Path(str(src) + "-pos-1.xyz").exists()) else "ase"
+    if fmt == "cp2k":
+        from .io.cp2k import ingest_cp2k
+
+        report = ingest_cp2k(src, out, cell=cell, masses=masses, input_file=args.input,
+                             chunk_frames=args.chunk_frames, overwrite=args.overwrite,
+                             progress=_progress("ingest"))
+    else:
+        from .io.ase import ingest_ase
+
+        report = ingest_ase(src, out, format=args.ase_format, dt_fs=args.dt_fs, masses=masses, cell=cell,
+                            chunk_frames=args.chunk_frames, overwrite=args.overwrite)
+    _print_ingest(report, out)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .io import format_summary, open_trajectory, summarize
+
+    ds = open_trajectory(args.store)
+    s = summarize(ds)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(format_summary(s, args.store))
+        ref = ds.attrs.get("reference_run")
+        if ref:
+            print(f"made by       ensemble reference {Path(ref['config']).name}: {ref['n_molecules']} H2O, "
+                  f"seed {ref['seed']}, {ref['equilibration_steps']} equilibration steps "
+                  f"({ref['equilibration']}), {ref['production_steps']} production steps, {ref['cp2k']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .io.ase import write_extxyz
+
+    path = write_extxyz(args.store, args.out, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_reference(args) -> int:
+    from .reference import run_reference
+
+    report = run_reference(args.config, args.out, steps=args.steps, workdir=args.workdir, cp2k=args.cp2k,
+                           mpi_ranks=args.np, overwrite=args.overwrite)
+    _print_ingest(report, Path(args.out))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .data import DEFAULT_DATA, write_default_store
+    from .io import format_summary, open_trajectory, summarize
+
+    out = Path(args.out) / "reference.zarr"
+    print(f"embedded default data: {DEFAULT_DATA.name} ({DEFAULT_DATA.stat().st_size / 1e6:.2f} MB)")
+    info = write_default_store(out, overwrite=True)
+    print(f"ingested it into {out} (kinetic energy vs CP2K .ener: max relative error "
+          f"{info['kinetic_energy_check']['max_rel_error']:.1e})")
+    print(format_summary(summarize(open_trajectory(out)), str(out)))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench_ingest
+
+    bench_ingest(size_mb=args.size_mb, workdir=args.workdir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ensemble", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"ensemble {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ingest", help="CP2K output (or an ASE-readable trajectory) -> trajectory store")
+    s.add_argument("source", help="run directory, project prefix (dir/PROJECT), -pos-1.xyz, or a trajectory file")
+    s.add_argument("--out", required=True, help="zarr store to write")
+    s.add_argument("--cell", type=float, nargs="+", metavar="L", help="3 box lengths or 9 cell numbers, Å")
+    s.add_argument("--masses", help="LABEL=AMU,... overriding CP2K's default masses")
+    s.add_argument("--input", help="CP2K input or restart file holding the cell / masses")
+    s.add_argument("--chunk-frames", type=int, help="frames per zarr chunk (default: 4 MiB chunks of positions)")
+    s.add_argument("--format", choices=["auto", "cp2k", "ase"], default="auto")
+    s.add_argument("--ase-format", help="format name passed to ase.io (e.g. extxyz, traj)")
+    s.add_argument("--dt-fs", type=float, help="time between frames (fs) for ASE files without info['time']")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("info", help="summary of a trajectory store")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("export", help="trajectory store -> extended xyz")
+    s.add_argument("store")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("reference", help="build a water box, run CP2K (equilibrate + produce), ingest")
+    s.add_argument("config", help="reference config, e.g. configs/reference/fist-spcfw-128.toml")
+    s.add_argument("--steps", type=int, help="production steps (default: the config's)")
+    s.add_argument("--out", required=True, help="trajectory store to write")
+    s.add_argument("--workdir", help="where CP2K runs (default OUT.cp2k); rerun to resume")
+    s.add_argument("--cp2k", help="CP2K executable (default: cp2k.psmp / cp2k.popt on PATH)")
+    s.add_argument("--np", type=int, help="MPI ranks (mpirun -np N cp2k.popt)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_reference)
+
+    s = sub.add_parser("demo", help="ingest the embedded CP2K data and summarise it")
+    s.add_argument("--out", default="ensemble-demo", help="output directory (default ./ensemble-demo)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("bench", help="benchmarks that print figures")
+    bsub = s.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("ingest", help="CP2K xyz ingestion throughput (MB/s, one core)")
+    b.add_argument("--size-mb", type=float, default=200.0, help="size of the synthetic pos file, MB")
+    b.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .io.cp2k import IngestError
+    from .io.cp2k_input import InputError
+    from .io.store import StoreError
+    from .reference import ConfigError, Cp2kFailed, Cp2kNotFound
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (IngestError, InputError, StoreError, ConfigError, Cp2kFailed, Cp2kNotFound, FileExistsError,
+            FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted. {exc}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
