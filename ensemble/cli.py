@@ -14,6 +14,10 @@ from pathlib import Path
 from . import __version__
 
 
+class UsageError(ValueError):
+    """A command-line argument is malformed."""
+
+
 def _parse_masses(text: str | None) -> dict[str, float] | None:
     if not text:
         return None
@@ -25,7 +29,7 @@ def _parse_masses(text: str | None) -> dict[str, float] | None:
                 raise ValueError
             out[label.strip()] = float(value)
         except ValueError:
-            raise SystemExit(f"error: --masses expects LABEL=AMU[,LABEL=AMU...], got {item!r}") from None
+            raise UsageError(f"--masses expects LABEL=AMU[,LABEL=AMU...], got {item!r}") from None
     return out
 
 
@@ -62,7 +66,7 @@ def cmd_ingest(args) -> int:
     cell = None
     if args.cell:
         if len(args.cell) not in (3, 9):
-            raise SystemExit("error: --cell takes 3 lengths or 9 numbers (cell vectors a, b, c), in Å")
+            raise UsageError("--cell takes 3 lengths or 9 numbers (cell vectors a, b, c), in Å")
         import numpy as np
 
         cell = np.array(args.cell, dtype=float)
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (IngestError, InputError, StoreError, ConfigError, Cp2kFailed, Cp2kNotFound, FileExistsError,
+    except (UsageError, IngestError, InputError, StoreError, ConfigError, Cp2kFailed, Cp2kNotFound, FileExistsError,
             FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

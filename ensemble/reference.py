@@ -299,14 +299,20 @@ def _run_stage(label: str, workdir: Path, project: str, total_steps: int, make_i
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
     t0, s0 = time.monotonic(), start
     ener = workdir / f"{project}-1.ener"
+    tty = sys.stderr.isatty()
+    every, last = (0.5 if tty else 30.0), time.monotonic()
     try:
         while proc.poll() is None:
-            time.sleep(0.5)
+            time.sleep(0.2)
+            if time.monotonic() - last < every:
+                continue
+            last = time.monotonic()
             step = _last_ener_step(ener)
             if step is not None and step > s0:
                 rate = (time.monotonic() - t0) / (step - s0)
                 eta = rate * (total_steps - step)
-                report(f"\r[{label}] step {step}/{total_steps}  {rate:.4f} s/step  ETA {eta:,.0f} s   ")
+                msg = f"[{label}] step {step}/{total_steps}  {rate:.4f} s/step  ETA {eta:,.0f} s"
+                report(f"\r{msg}   " if tty else msg)
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
@@ -316,7 +322,8 @@ def _run_stage(label: str, workdir: Path, project: str, total_steps: int, make_i
         tail = log.read_text(errors="replace").splitlines()[-25:]
         raise Cp2kFailed(f"[{label}] CP2K exited with code {proc.returncode}; last lines of {log}:\n"
                          + "\n".join(tail))
-    report(f"\r[{label}] done: {total_steps} steps in {time.monotonic() - t0:.1f} s" + " " * 20 + "\n")
+    done = f"[{label}] done: {total_steps - start} steps in {time.monotonic() - t0:.1f} s"
+    report(f"\r{done}{' ' * 20}\n" if tty else done)
     done_marker.write_text(f"{total_steps}\n")
 
 

@@ -35,7 +35,7 @@ QUANTA = {"positions": 1e-5, "velocities": 1e-6, "forces": 1e-4}
 
 
 def _codecs(step: float):
-    import numcodecs.zarr3 as nz
+    import zarr.codecs.numcodecs as nz
 
     filters = [nz.FixedScaleOffset(offset=0, scale=1.0 / step, dtype="<f8", astype="<i4"),
                nz.Delta(dtype="<i4"), nz.Delta(dtype="<i4")]
@@ -53,6 +53,7 @@ def pack_store(store: str | Path, out: str | Path) -> Path:
     with atomic_output(out, overwrite=True) as tmp:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zarr version 3.*")
+            warnings.filterwarnings("ignore", message=".*not part of the Zarr format 3.*")
             zs = zarr.storage.ZipStore(tmp, mode="w")
             g = zarr.create_group(zs, zarr_format=3, attributes={**ds.attrs, "archive": "ensemble default data",
                                                                   "quanta": QUANTA})
@@ -79,6 +80,7 @@ def pack_store(store: str | Path, out: str | Path) -> Path:
 def _read_archive(path: Path) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zarr version 3.*")
+        warnings.filterwarnings("ignore", message=".*not part of the Zarr format 3.*")
         zs = zarr.storage.ZipStore(path, mode="r")
         g = zarr.open_group(zs, mode="r", zarr_format=3)
         out = {name: g[name][:] for name in g.array_keys()}

@@ -144,7 +144,9 @@ def ingest_ase(path: str | Path, out: str | Path, *, format: str | None = None, 
                 enc = {v: {"chunks": tuple(chunk if d == "frame" else ds.sizes[d] for d in ds[v].dims)}
                        for v in ds.variables if "frame" in ds[v].dims}
                 ds.to_zarr(tmp, mode="w-", consolidated=False, zarr_format=3, encoding=enc)
+                store_attrs = dict(ds.attrs)
             else:
+                ds.attrs = store_attrs   # appending writes the block's attrs over the store's
                 ds.to_zarr(tmp, append_dim="frame", consolidated=False, zarr_format=3)
             n += len(rows)
         import zarr
@@ -164,7 +166,9 @@ def ingest_ase(path: str | Path, out: str | Path, *, format: str | None = None, 
             ds = xr.open_zarr(tmp, consolidated=False)
             acc = ds["velocities"].differentiate("time", edge_order=2).rename("accelerations")
             acc.attrs = {"units": UNITS["accelerations"]}
-            acc.to_dataset().to_zarr(tmp, mode="a", consolidated=False)
+            acc_ds = acc.to_dataset()
+            acc_ds.attrs = dict(g.attrs)
+            acc_ds.to_zarr(tmp, mode="a", consolidated=False)
     return IngestReport(out=out, frames=n, natoms=natoms, notes=(), kinetic_energy_max_rel_error=None,
                         acceleration_source="forces / masses" if has_forces else "velocity differences",
                         bytes_read=path.stat().st_size, seconds=_time.perf_counter() - t0)
