@@ -220,7 +220,10 @@ def open_trajectory(path: str | Path) -> xr.Dataset:
     if ds.attrs.get("schema") != SCHEMA:
         raise StoreError(f"{path}: attrs['schema'] is {ds.attrs.get('schema')!r}; expected {SCHEMA!r} "
                          "(not a trajectory written by ensemble)")
-    return ds
+    # small coordinates in memory (species as str objects), so grouping and selection need no compute
+    small = {name: ds[name].load() for name in ("step", "time") if name in ds.coords}
+    small["species"] = ds["species"].copy(data=np.array([str(s) for s in ds["species"].values], dtype=object))
+    return ds.assign_coords(small)
 
 
 def cell_lengths_angles(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
