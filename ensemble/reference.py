@@ -60,6 +60,10 @@ class Stage:
     temperature_K: float
     thermostat: str | None = None  # "CSVR" for equilibration, None: run the input's ensemble
     timecon_fs: float = 50.0
+    #: CP2K thermostat REGION: MASSIVE (one thermostat per atom) equilibrates every degree of
+    #: freedom directly; a GLOBAL one cannot move energy between fast intramolecular modes and
+    #: the rest, and a freshly built box then keeps H and O at different temperatures for >10 ps
+    thermostat_region: str = "MASSIVE"
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ def load_reference_config(path: str | Path) -> ReferenceConfig:
         return Stage(input=inp, steps=int(need(t, "steps", name, int)),
                      temperature_K=float(t.get("temperature_K", 300.0)),
                      thermostat=t.get("thermostat", thermostat_default),
-                     timecon_fs=float(t.get("timecon_fs", 50.0)))
+                     timecon_fs=float(t.get("timecon_fs", 50.0)),
+                     thermostat_region=str(t.get("thermostat_region", "MASSIVE")).upper())
 
     n = int(need(sysc, "n_molecules", "system", int))
     if n < 1:
@@ -179,6 +184,7 @@ def equilibration_input(cfg: ReferenceConfig, coord_file: str) -> str:
         md.remove_section("THERMOSTAT")
         th = md.ensure("THERMOSTAT")
         th.set("TYPE", st.thermostat.upper())
+        th.set("REGION", st.thermostat_region)
         th.ensure(st.thermostat.upper()).set("TIMECON", f"[fs] {st.timecon_fs}")
     pr = root.ensure("MOTION/PRINT")
     for name in ("TRAJECTORY", "VELOCITIES", "FORCES", "CELL"):
@@ -389,8 +395,8 @@ def run_reference(config: str | Path | ReferenceConfig, out: str | Path, *, step
             "config": str(cfg.path), "config_text": cfg.path.read_text(),
             "n_molecules": cfg.n_molecules, "box_angstrom": cfg.box_angstrom, "seed": cfg.seed,
             "equilibration_steps": cfg.equilibration.steps,
-            "equilibration": f"NVT {cfg.equilibration.thermostat} {cfg.equilibration.temperature_K} K, "
-                             f"timecon {cfg.equilibration.timecon_fs} fs",
+            "equilibration": f"NVT {cfg.equilibration.thermostat} ({cfg.equilibration.thermostat_region}) "
+                             f"{cfg.equilibration.temperature_K} K, timecon {cfg.equilibration.timecon_fs} fs",
             "production_steps": nsteps, "cp2k": cp2k_version(command),
             "command": " ".join(command + ["-i", "production.inp"]),
         }

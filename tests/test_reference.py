@@ -67,6 +67,7 @@ def test_equilibration_input_is_nvt_csvr(tmp_path):
     md = root.section("MOTION/MD")
     assert md.keyword("ENSEMBLE") == "NVT" and md.keyword("STEPS") == "200"
     assert md.section("THERMOSTAT").keyword("TYPE") == "CSVR"
+    assert md.section("THERMOSTAT").keyword("REGION") == "MASSIVE"
     assert md.section("THERMOSTAT/CSVR").keyword("TIMECON") == "[fs] 20.0"
     assert root.section("FORCE_EVAL/SUBSYS/TOPOLOGY").keyword("COORD_FILE_NAME") == "../water.xyz"
     L = cfg.box_angstrom
