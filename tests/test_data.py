@@ -29,6 +29,11 @@ def test_embedded_data_is_small_and_physical():
         r = np.linalg.norm(d, axis=-1)
         assert 0.85 < r.min() and r.max() < 1.25
     assert h.shape[1] == 128
+    # equipartition: per-atom kinetic temperatures of O and H agree (per-atom CSVR equilibration)
+    from ensemble.units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
+    ke = 0.5 * AMU_A2_PER_FS2_TO_EV * ds["masses"] * (ds["velocities"] ** 2).sum("xyz")
+    t = ke.groupby("species").mean().mean("frame") / (1.5 * BOLTZMANN_EV_K)
+    assert abs(float(t.sel(species="O")) - float(t.sel(species="H"))) < 30
     # NVE: CP2K's conserved energy stays flat while the kinetic energy fluctuates
     e, k = ds["conserved_energy"].values, ds["kinetic_energy"].values
     assert e.std() < 0.02 * k.std()

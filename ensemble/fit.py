@@ -1,0 +1,297 @@
+"""Out-of-core least-squares fit of the agent losses (paper §4-5.2).
+
+Both model kinds are linear in the coefficients (A_s, upper triangle of B_s):
+
+``agent`` (the paper's)
+    per species s, one row per (frame, atom of s, xyz); target the reference
+    acceleration (Å/fs^2); columns -c/M_s grad_k phi_j (linear) and
+    -c/M_s grad_k (phi_j phi_l) (quadratic, halved on the diagonal) with all other
+    atoms held fixed; c converts eV/Å/amu to Å/fs^2.
+
+One pass over the store accumulates, per species and split (train / validation /
+test, fractions of the time axis), the augmented Gram matrix
+``Z^T Z`` of ``Z = [X y]`` — it holds X^T X, X^T y and y^T y — reduced across
+frame chunks with dask (``map_blocks`` then a tree ``sum``). Memory is
+O(columns^2), independent of the number of frames. Solving, errors and the
+backward elimination of weight functions work on submatrices of it only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .invariants import WeightSet, check_cutoff, invariants_frames, orthorhombic_box, species_index
+from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
+
+__all__ = ["Splits", "GramSet", "SpeciesFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
+           "accumulate_gram", "solve_ridge", "relative_rmse", "fit_species", "backward_elimination",
+           "columns_for_weights"]
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Fractions of the time axis: discarded (equilibration), train, validation, test (in order)."""
+
+    discard: float = 0.2
+    train: float = 0.6
+    validation: float = 0.1
+    test: float = 0.1
+
+    def __post_init__(self):
+        parts = (self.discard, self.train, self.validation, self.test)
+        if any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-9 or self.train <= 0:
+            raise ValueError(f"split fractions must be >= 0, sum to 1 and train > 0; got {parts}")
+
+
+def frame_splits(n_frames: int, splits: Splits) -> np.ndarray:
+    """Split of each frame: -1 discarded, 0 train, 1 validation, 2 test (contiguous in time).
+
+    The paper's 1000 frames with the default fractions: 0-199 discarded, 200-799 train,
+    800-899 validation, 900-999 test.
+    """
+    edges = np.round(np.cumsum([splits.discard, splits.train, splits.validation]) * n_frames).astype(int)
+    out = np.full(n_frames, 2, dtype=np.int64)
+    idx = np.arange(n_frames)
+    out[idx < edges[2]] = 1
+    out[idx < edges[1]] = 0
+    out[idx < edges[0]] = -1
+    return out
+
+
+def n_columns(p: int, quadratic: bool = True) -> int:
+    """Columns of one species' block: P linear + P(P+1)/2 quadratic."""
+    return p + (p * (p + 1) // 2 if quadratic else 0)
+
+
+def quadratic_index(p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Feature pairs (j, l), j <= l, in column order of the quadratic block."""
+    return np.triu_indices(p)
+
+
+def agent_design(phi: np.ndarray, grad: np.ndarray, scale: float, quadratic: bool = True) -> np.ndarray:
+    """Design rows of the agent model for the atoms of one species in one frame.
+
+    Parameters
+    ----------
+    phi : (n, P) invariants of those atoms (P = sources x weights, flattened)
+    grad : (n, P, 3) their self-gradients d phi[k] / d q_k (1/Å)
+    scale : float
+        c / M_s: converts eV/Å on an atom of mass M_s to Å/fs^2.
+
+    Returns
+    -------
+    X : (n * 3, C) rows ordered (atom, xyz); prediction of the acceleration = X @ coef
+        with coef = [A (P), B upper triangle (P(P+1)/2)] in eV.
+    """
+    n, p = phi.shape
+    lin = -scale * grad.transpose(0, 2, 1)                            # (n, 3, P)
+    if not quadratic:
+        return lin.reshape(n * 3, p)
+    j, l = quadratic_index(p)
+    # d(phi_j phi_l) = phi_j dphi_l + phi_l dphi_j; the diagonal term is 1/2 B_jj phi_j^2
+    quad = phi[:, None, j] * grad.transpose(0, 2, 1)[:, :, l] + phi[:, None, l] * grad.transpose(0, 2, 1)[:, :, j]
+    quad[:, :, j == l] *= 0.5
+    return np.concatenate([lin, -scale * quad], axis=2).reshape(n * 3, -1)
+
+
+def _gram_chunk(pos, acc, box, split, *, codes, n_species, kinds, params, cutoff, width, scales, quadratic,
+                batch):
+    """Augmented Gram matrices of one frame chunk: (1, S, 3, C + 1, C + 1)."""
+    pos = np.ascontiguousarray(pos)
+    box = np.ascontiguousarray(box.reshape(-1, 3))
+    split = split.reshape(-1)
+    f = pos.shape[0]
+    p = n_species * kinds.shape[0]
+    c = n_columns(p, quadratic)
+    out = np.zeros((1, n_species, 3, c + 1, c + 1))
+    for a in range(0, f, batch):
+        b = min(a + batch, f)
+        phi, grad = invariants_frames(pos[a:b], np.ascontiguousarray(box[a:b]), codes, n_species, kinds, params,
+                                      cutoff, width)
+        phi = phi.reshape(b - a, pos.shape[1], p)
+        grad = grad.reshape(b - a, pos.shape[1], p, 3)
+        for sp in range(3):
+            frames = np.flatnonzero(split[a:b] == sp)
+            if frames.size == 0:
+                continue
+            for s in range(n_species):
+                atoms = np.flatnonzero(codes == s)
+                rows = [np.concatenate([agent_design(phi[t][atoms], grad[t][atoms], scales[s], quadratic),
+                                        acc[a + t][atoms].reshape(-1, 1)], axis=1) for t in frames]
+                z = np.concatenate(rows)
+                out[0, s, sp] += z.T @ z
+    return out
+
+
+@dataclass(frozen=True)
+class GramSet:
+    """Reduced augmented Gram matrices ``Z^T Z`` (species, split, C + 1, C + 1) and row counts
+    (species, split), with the layout needed to interpret them."""
+
+    zz: np.ndarray
+    rows: np.ndarray
+    species: tuple[str, ...]
+    weights: WeightSet
+    quadratic: bool
+    kind: str = "agent"
+
+    @property
+    def p(self) -> int:
+        return len(self.species) * len(self.weights)
+
+    def parts(self, s: int, split: int, cols: np.ndarray | None = None):
+        """(G, b, yy, n) of species ``s`` and ``split`` restricted to columns ``cols``."""
+        z = self.zz[s, split]
+        c = z.shape[0] - 1
+        cols = np.arange(c) if cols is None else np.asarray(cols)
+        return z[np.ix_(cols, cols)], z[cols, c], z[c, c], int(self.rows[s, split])
+
+
+def accumulate_gram(ds: xr.Dataset, weights: WeightSet, *, splits: Splits = Splits(),
+                    cutoff_angstrom: float | None = None, width_angstrom: float = 1.0, quadratic: bool = True,
+                    species_order: list[str] | None = None, batch_frames: int = 8) -> GramSet:
+    """One pass over a trajectory: the agent model's Gram matrices per species and split.
+
+    ``ds`` may be dask-backed (an opened store): the work runs per frame chunk on
+    whatever dask scheduler is active and only the (C + 1)^2 matrices are combined.
+    """
+    codes, order = species_index(ds["species"].values, species_order)
+    n_species = len(order)
+    masses = np.asarray(ds["masses"].values, dtype=float)
+    scales = np.empty(n_species)
+    for s in range(n_species):
+        m = np.unique(masses[codes == s])
+        if m.size != 1:
+            raise ValueError(f"atoms of species {order[s]!r} have different masses {m}: one loss per species "
+                             "needs one mass")
+        scales[s] = EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2 / m[0]
+    cell = ds["cell"].values
+    boxes = orthorhombic_box(cell, "cell")
+    cutoff, width = check_cutoff(cutoff_angstrom, width_angstrom, boxes)
+    n = ds.sizes["frame"]
+    box = np.broadcast_to(boxes, (n, 3)) if boxes.ndim == 1 else boxes
+    split = frame_splits(n, splits)
+    pos = ds["positions"].data
+    acc = ds["accelerations"].data
+    if not isinstance(pos, da.Array):
+        pos, acc = da.from_array(pos, chunks=(max(n // 4, 1), -1, -1)), da.from_array(acc, chunks=(max(n // 4, 1), -1, -1))
+    acc = acc.rechunk({0: pos.chunks[0]})
+    fchunks = pos.chunks[0]
+    box_d = da.from_array(np.ascontiguousarray(box), chunks=(fchunks, 3))
+    split_d = da.from_array(split, chunks=(fchunks,))
+    kinds, params = weights.arrays()
+    p = n_species * len(weights)
+    c = n_columns(p, quadratic)
+    parts = da.map_blocks(
+        _gram_chunk, pos, acc, box_d[:, None, :], split_d[:, None, None],
+        codes=codes, n_species=n_species, kinds=kinds, params=params, cutoff=cutoff, width=width,
+        scales=scales, quadratic=quadratic, batch=batch_frames,
+        dtype=float, chunks=((1,) * len(fchunks), (n_species,), (3,), (c + 1,), (c + 1,)),
+        new_axis=[3, 4], drop_axis=[], meta=np.empty((0, 0, 0, 0, 0)))
+    zz = parts.sum(axis=0, split_every=4).compute()
+    rows = np.array([[3 * np.sum(codes == s) * np.sum(split == sp) for sp in range(3)] for s in range(n_species)])
+    return GramSet(zz=zz, rows=rows, species=tuple(order), weights=weights, quadratic=quadratic)
+
+
+def solve_ridge(g: np.ndarray, b: np.ndarray, n_rows: int, ridge: float = 1e-10, *, name: str = "fit",
+                cond_warn: float = 1e12) -> tuple[np.ndarray, float]:
+    """Least squares from Gram pieces on standardized columns, with ridge regularisation.
+
+    Minimises |X c - y|^2 + ridge * n_rows * |D c|^2 with D the column RMS, via an
+    eigendecomposition of the standardized Gram matrix. Warns when its condition
+    number exceeds ``cond_warn``. Returns (coefficients, condition number).
+    """
+    if n_rows == 0:
+        raise ValueError(f"{name}: no rows to fit")
+    d = np.sqrt(np.maximum(np.diag(g), 0.0) / n_rows)
+    live = d > 0
+    coef = np.zeros(g.shape[0])
+    if not live.any():
+        return coef, np.inf
+    gs = g[np.ix_(live, live)] / np.outer(d[live], d[live]) / n_rows
+    bs = b[live] / d[live] / n_rows
+    w, v = np.linalg.eigh(gs)
+    cond = float(w[-1] / max(w[0], np.finfo(float).tiny)) if w[0] > 0 else np.inf
+    if cond > cond_warn:
+        warnings.warn(f"{name}: standardized Gram matrix is poorly conditioned (condition number {cond:.2e}); "
+                      f"ridge {ridge:g} regularises it", RuntimeWarning, stacklevel=2)
+    cs = v @ ((v.T @ bs) / (w + ridge))
+    coef[live] = cs / d[live]
+    return coef, cond
+
+
+def relative_rmse(g: np.ndarray, b: np.ndarray, yy: float, coef: np.ndarray) -> float:
+    """Relative RMSE (paper eq. 5.2) from Gram pieces: sqrt((yy - 2 c.b + c.G.c) / yy)."""
+    sse = yy - 2.0 * coef @ b + coef @ g @ coef
+    return float(np.sqrt(max(sse, 0.0) / yy)) if yy > 0 else float("nan")
+
+
+def columns_for_weights(keep: list[int], n_species: int, n_weights: int, quadratic: bool = True) -> np.ndarray:
+    """Columns of the kept weight functions (a weight function's invariants for EVERY source)."""
+    p = n_species * n_weights
+    feat = np.zeros(p, bool)
+    for a in range(n_species):
+        feat[a * n_weights + np.asarray(keep, dtype=int)] = True
+    cols = list(np.flatnonzero(feat))
+    if quadratic:
+        j, l = quadratic_index(p)
+        cols += list(p + np.flatnonzero(feat[j] & feat[l]))
+    return np.array(cols, dtype=int)
+
+
+@dataclass(frozen=True)
+class SpeciesFit:
+    species: str
+    columns: np.ndarray
+    coef: np.ndarray          # full-length (C,) with zeros for dropped columns
+    errors: dict              # split -> relative RMSE
+    condition: float
+
+
+def fit_species(gram: GramSet, s: int, keep: list[int] | None = None, ridge: float = 1e-10,
+                quadratic: bool | None = None) -> SpeciesFit:
+    """Fit one species on the train split with the kept weight functions; errors on every split."""
+    m = len(gram.weights)
+    n_species = len(gram.species)
+    keep = list(range(m)) if keep is None else list(keep)
+    quad = gram.quadratic if quadratic is None else quadratic
+    if quad and not gram.quadratic:
+        raise ValueError("the Gram matrices were built without quadratic columns")
+    cols = columns_for_weights(keep, n_species, m, quad)
+    g, b, yy, n = gram.parts(s, 0, cols)
+    c, cond = solve_ridge(g, b, n, ridge, name=f"species {gram.species[s]}")
+    errors = {}
+    for sp, name in enumerate(SPLITS):
+        if gram.rows[s, sp] == 0:
+            errors[name] = float("nan")
+            continue
+        g2, b2, yy2, _ = gram.parts(s, sp, cols)
+        errors[name] = relative_rmse(g2, b2, yy2, c)
+    full = np.zeros(gram.zz.shape[-1] - 1)
+    full[cols] = c
+    return SpeciesFit(gram.species[s], cols, full, errors, cond)
+
+
+def backward_elimination(gram: GramSet, s: int, ridge: float = 1e-10, stop_at: int = 1):
+    """The paper's feature selection: repeatedly drop the weight function whose removal keeps
+    the validation error lowest. Returns a list of (kept weight indices, SpeciesFit), from all
+    weights down to ``stop_at``."""
+    keep = list(range(len(gram.weights)))
+    curve = [(list(keep), fit_species(gram, s, keep, ridge))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        while len(keep) > stop_at:
+            trials = []
+            for w in keep:
+                trial = [k for k in keep if k != w]
+                trials.append((fit_species(gram, s, trial, ridge).errors["validation"], w, trial))
+            _, w, keep = min(trials, key=lambda t: t[0])
+            curve.append((list(keep), fit_species(gram, s, keep, ridge)))
+    return curve
