@@ -7,6 +7,11 @@ Both model kinds are linear in the coefficients (A_s, upper triangle of B_s):
     acceleration (Å/fs^2); columns -c/M_s grad_k phi_j (linear) and
     -c/M_s grad_k (phi_j phi_l) (quadratic, halved on the diagonal) with all other
     atoms held fixed; c converts eV/Å/amu to Å/fs^2.
+``conservative``
+    one energy E = sum_k H_{s_k}(phi_k); rows for every atom, target the reference
+    force (eV/Å), columns -dT/dq for every species' terms T (so each atom also feels
+    its neighbours' losses). Fitted jointly over species; Gram matrices are kept per
+    row species, so per-species weights and per-species errors come from them.
 
 One pass over the store accumulates, per species and split (train / validation /
 test, fractions of the time axis), the augmented Gram matrix
@@ -25,7 +30,9 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .invariants import WeightSet, check_cutoff, invariants_frames, orthorhombic_box, species_index
+from numba import njit
+
+from .invariants import WeightSet, _weight, check_cutoff, invariants_frames, orthorhombic_box, species_index
 from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Splits", "GramSet", "SpeciesFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
@@ -101,15 +108,77 @@ def agent_design(phi: np.ndarray, grad: np.ndarray, scale: float, quadratic: boo
     return np.concatenate([lin, -scale * quad], axis=2).reshape(n * 3, -1)
 
 
+@njit(cache=True)
+def conservative_design(pos, box, species, n_species, kinds, params, cutoff, width, phi, quadratic):
+    """Design rows of the conservative model for one frame: (N * 3, S * C), rows (atom, xyz).
+
+    Column block s holds species s's terms T (phi_f linear, phi_j phi_l quadratic with the
+    diagonal halved); entry = -d/dq sum_{k of s} T(phi_k). A pair (k, i), i of species a,
+    enters phi[k, f = (a, m)] with derivative +g on atom k and -g on atom i,
+    g = (w fc)'(r) (q_k - q_i) / r.
+    """
+    n = pos.shape[0]
+    m_w = kinds.shape[0]
+    p = n_species * m_w
+    c = p + (p * (p + 1) // 2 if quadratic else 0)
+    out = np.zeros((n * 3, n_species * c))
+    rc2 = cutoff * cutoff
+    gv = np.empty(3)
+    for k in range(n):
+        base = species[k] * c
+        for i in range(n):
+            if i == k:
+                continue
+            dx = pos[k, 0] - pos[i, 0]
+            dy = pos[k, 1] - pos[i, 1]
+            dz = pos[k, 2] - pos[i, 2]
+            dx -= box[0] * np.rint(dx / box[0])
+            dy -= box[1] * np.rint(dy / box[1])
+            dz -= box[2] * np.rint(dz / box[2])
+            r2 = dx * dx + dy * dy + dz * dz
+            if cutoff > 0.0 and r2 >= rc2:
+                continue
+            r = np.sqrt(r2)
+            fc = 1.0
+            dfc = 0.0
+            if cutoff > 0.0:
+                x = (r - (cutoff - width)) / width
+                if x > 0.0:
+                    fc = 1.0 - x * x * (3.0 - 2.0 * x)
+                    dfc = -6.0 * x * (1.0 - x) / width
+            a = species[i]
+            for mm in range(m_w):
+                w, dw = _weight(kinds[mm], params[mm], r)
+                g = (dw * fc + w * dfc) / r
+                gv[0] = g * dx
+                gv[1] = g * dy
+                gv[2] = g * dz
+                f = a * m_w + mm
+                for cc in range(3):
+                    out[3 * k + cc, base + f] -= gv[cc]
+                    out[3 * i + cc, base + f] += gv[cc]
+                if quadratic:
+                    for j in range(p):
+                        lo = j if j < f else f
+                        hi = f if j < f else j
+                        col = base + p + lo * p - lo * (lo - 1) // 2 + (hi - lo)
+                        v = phi[k, j]
+                        for cc in range(3):
+                            out[3 * k + cc, col] -= v * gv[cc]
+                            out[3 * i + cc, col] += v * gv[cc]
+    return out
+
+
 def _gram_chunk(pos, acc, box, split, *, codes, n_species, kinds, params, cutoff, width, scales, quadratic,
-                batch):
-    """Augmented Gram matrices of one frame chunk: (1, S, 3, C + 1, C + 1)."""
+                batch, kind="agent"):
+    """Augmented Gram matrices of one frame chunk: (1, S, 3, C + 1, C + 1) (C over all species
+    blocks for the conservative kind; the species axis is then the species of the rows)."""
     pos = np.ascontiguousarray(pos)
     box = np.ascontiguousarray(box.reshape(-1, 3))
     split = split.reshape(-1)
     f = pos.shape[0]
     p = n_species * kinds.shape[0]
-    c = n_columns(p, quadratic)
+    c = n_columns(p, quadratic) * (n_species if kind == "conservative" else 1)
     out = np.zeros((1, n_species, 3, c + 1, c + 1))
     for a in range(0, f, batch):
         b = min(a + batch, f)
@@ -120,6 +189,15 @@ def _gram_chunk(pos, acc, box, split, *, codes, n_species, kinds, params, cutoff
         for sp in range(3):
             frames = np.flatnonzero(split[a:b] == sp)
             if frames.size == 0:
+                continue
+            if kind == "conservative":
+                xs = [conservative_design(pos[a + t], box[a + t], codes, n_species, kinds, params, cutoff, width,
+                                          phi[t], quadratic) for t in frames]
+                for s in range(n_species):
+                    rows = (3 * np.flatnonzero(codes == s)[:, None] + np.arange(3)).ravel()
+                    z = np.concatenate([np.concatenate([x[rows], acc[a + t].reshape(-1, 1)[rows]], axis=1)
+                                        for x, t in zip(xs, frames)])
+                    out[0, s, sp] += z.T @ z
                 continue
             for s in range(n_species):
                 atoms = np.flatnonzero(codes == s)
@@ -146,6 +224,11 @@ class GramSet:
     def p(self) -> int:
         return len(self.species) * len(self.weights)
 
+    @property
+    def block(self) -> int:
+        """Columns of one species' block."""
+        return n_columns(self.p, self.quadratic)
+
     def parts(self, s: int, split: int, cols: np.ndarray | None = None):
         """(G, b, yy, n) of species ``s`` and ``split`` restricted to columns ``cols``."""
         z = self.zz[s, split]
@@ -154,10 +237,13 @@ class GramSet:
         return z[np.ix_(cols, cols)], z[cols, c], z[c, c], int(self.rows[s, split])
 
 
-def accumulate_gram(ds: xr.Dataset, weights: WeightSet, *, splits: Splits = Splits(),
+def accumulate_gram(ds: xr.Dataset, weights: WeightSet, *, kind: str = "agent", splits: Splits = Splits(),
                     cutoff_angstrom: float | None = None, width_angstrom: float = 1.0, quadratic: bool = True,
                     species_order: list[str] | None = None, batch_frames: int = 8) -> GramSet:
-    """One pass over a trajectory: the agent model's Gram matrices per species and split.
+    """One pass over a trajectory: a model kind's Gram matrices per species and split.
+
+    ``agent`` targets accelerations (Å/fs^2); ``conservative`` targets forces (eV/Å;
+    mass x acceleration when the store has no forces).
 
     ``ds`` may be dask-backed (an opened store): the work runs per frame chunk on
     whatever dask scheduler is active and only the (C + 1)^2 matrices are combined.
@@ -178,8 +264,14 @@ def accumulate_gram(ds: xr.Dataset, weights: WeightSet, *, splits: Splits = Spli
     n = ds.sizes["frame"]
     box = np.broadcast_to(boxes, (n, 3)) if boxes.ndim == 1 else boxes
     split = frame_splits(n, splits)
+    if kind not in ("agent", "conservative"):
+        raise ValueError(f"kind must be 'agent' or 'conservative', got {kind!r}")
     pos = ds["positions"].data
-    acc = ds["accelerations"].data
+    if kind == "conservative":
+        acc = (ds["forces"].data if "forces" in ds else
+               ds["accelerations"].data * (masses / EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2)[None, :, None])
+    else:
+        acc = ds["accelerations"].data
     if not isinstance(pos, da.Array):
         pos, acc = da.from_array(pos, chunks=(max(n // 4, 1), -1, -1)), da.from_array(acc, chunks=(max(n // 4, 1), -1, -1))
     acc = acc.rechunk({0: pos.chunks[0]})
@@ -188,16 +280,16 @@ def accumulate_gram(ds: xr.Dataset, weights: WeightSet, *, splits: Splits = Spli
     split_d = da.from_array(split, chunks=(fchunks,))
     kinds, params = weights.arrays()
     p = n_species * len(weights)
-    c = n_columns(p, quadratic)
+    c = n_columns(p, quadratic) * (n_species if kind == "conservative" else 1)
     parts = da.map_blocks(
         _gram_chunk, pos, acc, box_d[:, None, :], split_d[:, None, None],
         codes=codes, n_species=n_species, kinds=kinds, params=params, cutoff=cutoff, width=width,
-        scales=scales, quadratic=quadratic, batch=batch_frames,
+        scales=scales, quadratic=quadratic, batch=batch_frames, kind=kind,
         dtype=float, chunks=((1,) * len(fchunks), (n_species,), (3,), (c + 1,), (c + 1,)),
         new_axis=[3, 4], drop_axis=[], meta=np.empty((0, 0, 0, 0, 0)))
     zz = parts.sum(axis=0, split_every=4).compute()
     rows = np.array([[3 * np.sum(codes == s) * np.sum(split == sp) for sp in range(3)] for s in range(n_species)])
-    return GramSet(zz=zz, rows=rows, species=tuple(order), weights=weights, quadratic=quadratic)
+    return GramSet(zz=zz, rows=rows, species=tuple(order), weights=weights, quadratic=quadratic, kind=kind)
 
 
 def solve_ridge(g: np.ndarray, b: np.ndarray, n_rows: int, ridge: float = 1e-10, *, name: str = "fit",
@@ -279,19 +371,93 @@ def fit_species(gram: GramSet, s: int, keep: list[int] | None = None, ridge: flo
     return SpeciesFit(gram.species[s], cols, full, errors, cond)
 
 
-def backward_elimination(gram: GramSet, s: int, ridge: float = 1e-10, stop_at: int = 1):
+def joint_columns(gram: GramSet, keep: list[int], quadratic: bool) -> np.ndarray:
+    """Columns of the kept weight functions in every species block (conservative kind).
+
+    In E = sum_k H_{s_k}(phi_k) the linear cross-species terms are one pair potential
+    counted twice: sum_{k of s} A_{s,(a,m)} phi_{(a,m)}[k] and sum_{k of a} A_{a,(s,m)}
+    phi_{(s,m)}[k] are the same pair sum, so their columns are identical. Each such pair
+    potential is fitted once, in the block of the lower-indexed species (A_{s,(a,m)} with
+    a < s stays zero); otherwise the Gram matrix would be exactly singular.
+    """
+    n_sp, m = len(gram.species), len(gram.weights)
+    one = columns_for_weights(keep, n_sp, m, quadratic)
+    cols = []
+    for s in range(n_sp):
+        lin_dup = (one < gram.p) & (one // m < s)          # linear, source species a < s
+        cols.append(s * gram.block + one[~lin_dup])
+    return np.concatenate(cols)
+
+
+@dataclass(frozen=True)
+class JointFit:
+    columns: np.ndarray
+    coef: np.ndarray            # (S * C,) with zeros for dropped columns
+    errors: dict                # species -> split -> relative RMSE
+    species_weights: np.ndarray
+    condition: float
+
+    def coef_of(self, s: int, block: int) -> np.ndarray:
+        return self.coef[s * block:(s + 1) * block]
+
+
+def fit_joint(gram: GramSet, keep: list[int] | None = None, ridge: float = 1e-10, quadratic: bool | None = None,
+              species_weights=None) -> JointFit:
+    """Fit the conservative kind jointly over species on the train split.
+
+    Rows of species r are weighted by ``species_weights[r]`` (default: 1 / RMS reference force
+    of r on the train split, so each species' relative error counts alike).
+    """
+    if gram.kind != "conservative":
+        raise ValueError("fit_joint needs Gram matrices of the conservative kind")
+    keep = list(range(len(gram.weights))) if keep is None else list(keep)
+    quad = gram.quadratic if quadratic is None else quadratic
+    cols = joint_columns(gram, keep, quad)
+    n_sp = len(gram.species)
+    if species_weights is None:
+        species_weights = np.array([np.sqrt(gram.rows[r, 0] / gram.zz[r, 0, -1, -1]) if gram.rows[r, 0] else 0.0
+                                    for r in range(n_sp)])
+    w2 = np.asarray(species_weights, float) ** 2
+    g = sum(w2[r] * gram.parts(r, 0, cols)[0] for r in range(n_sp))
+    b = sum(w2[r] * gram.parts(r, 0, cols)[1] for r in range(n_sp))
+    coef, cond = solve_ridge(g, b, int(gram.rows[:, 0].sum()), ridge, name="conservative fit")
+    errors = {}
+    for r in range(n_sp):
+        errors[gram.species[r]] = {}
+        for sp, name in enumerate(SPLITS):
+            g2, b2, yy2, n2 = gram.parts(r, sp, cols)
+            errors[gram.species[r]][name] = relative_rmse(g2, b2, yy2, coef) if n2 else float("nan")
+    full = np.zeros(gram.zz.shape[-1] - 1)
+    full[cols] = coef
+    return JointFit(cols, full, errors, np.asarray(species_weights, float), cond)
+
+
+def _trial(gram: GramSet, s: int | None, keep: list[int], ridge: float):
+    """(validation error, fit) for the kept weights: species s (agent) or joint (conservative,
+    mean of the species' validation errors)."""
+    if gram.kind == "conservative":
+        fit = fit_joint(gram, keep, ridge)
+        return float(np.mean([e["validation"] for e in fit.errors.values()])), fit
+    fit = fit_species(gram, s, keep, ridge)
+    return fit.errors["validation"], fit
+
+
+def backward_elimination(gram: GramSet, s: int | None = None, ridge: float = 1e-10, stop_at: int = 1):
     """The paper's feature selection: repeatedly drop the weight function whose removal keeps
-    the validation error lowest. Returns a list of (kept weight indices, SpeciesFit), from all
-    weights down to ``stop_at``."""
+    the validation error lowest (a removed weight function removes its invariants for every
+    source species). Works on Gram submatrices only.
+
+    Returns a list of (kept weight indices, validation error, fit) from all weights down to
+    ``stop_at``: per species ``s`` for the agent kind, jointly for the conservative kind.
+    """
     keep = list(range(len(gram.weights)))
-    curve = [(list(keep), fit_species(gram, s, keep, ridge))]
+    err, fit = _trial(gram, s, keep, ridge)
+    curve = [(list(keep), err, fit)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         while len(keep) > stop_at:
-            trials = []
-            for w in keep:
-                trial = [k for k in keep if k != w]
-                trials.append((fit_species(gram, s, trial, ridge).errors["validation"], w, trial))
-            _, w, keep = min(trials, key=lambda t: t[0])
-            curve.append((list(keep), fit_species(gram, s, keep, ridge)))
+            trials = [(_trial(gram, s, [k for k in keep if k != w], ridge), w) for w in keep]
+            (err, fit), w = min(trials, key=lambda t: t[0][0])
+            keep = [k for k in keep if k != w]
+            curve.append((list(keep), err, fit))
     return curve

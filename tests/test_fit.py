@@ -128,9 +128,9 @@ def test_dask_gram_equals_in_memory_xtx(small):
 def test_selection_from_submatrices_equals_refitting_from_scratch(small):
     gram = accumulate_gram(small.chunk({"frame": 10}), WS, splits=Splits(0.0, 0.7, 0.3, 0.0))
     curve = backward_elimination(gram, s=1, ridge=1e-9)
-    assert [len(k) for k, _ in curve] == [3, 2, 1]
-    vals = [f.errors["validation"] for _, f in curve]
-    kept, fit = curve[1]
+    assert [len(k) for k, _, _ in curve] == [3, 2, 1]
+    vals = [e for _, e, _ in curve]
+    kept, _, fit = curve[1]
     again = accumulate_gram(small.chunk({"frame": 10}), WS.subset(kept), splits=Splits(0.0, 0.7, 0.3, 0.0))
     refit = fit_species(again, 1, ridge=1e-9)
     assert_allclose(refit.errors["validation"], fit.errors["validation"], rtol=1e-8)

@@ -1,0 +1,259 @@
+"""Fitted models: coefficients, forces and accelerations, human-readable JSON.
+
+A model has one quadratic loss per species s over the flattened invariants
+phi_k (P = n_species x n_weights, source-major)::
+
+    H_s(phi) = A_s . phi + 1/2 phi . B_s . phi           (eV; B_s symmetric)
+
+``agent``
+    acceleration of atom k = -(1/M_s) grad_k H_s(phi_k) with every other atom held
+    fixed (the paper's eq. 4.6). Not the gradient of one energy.
+``conservative``
+    one energy E = sum_k H_{s_k}(phi_k); forces -grad E, so each atom also feels
+    its neighbours' losses. Energy and momentum are conserved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+from . import __version__
+from .invariants import WeightSet, _weight, check_cutoff, invariants_frame, species_index
+from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
+
+__all__ = ["Model", "ModelError", "load_model", "conservative_forces"]
+
+KINDS = ("agent", "conservative")
+FORMAT = "ensemble.model/1"
+
+
+class ModelError(ValueError):
+    """A model file is malformed or does not fit the configuration it is applied to."""
+
+
+@njit(cache=True)
+def conservative_forces(pos, box, species, n_species, kinds, params, cutoff, width, dh):
+    """Forces (eV/Å) -grad E for E = sum_k H_{s_k}(phi_k), given dh[k, f] = dH_{s_k}/dphi_f at phi_k.
+
+    Every pair (k, i) with i of species a contributes through phi[k, (a, m)]: its
+    derivative is +g on atom k and -g on atom i, g = (w fc)'(r) (q_k - q_i) / r.
+    Paper mode (cutoff <= 0) loops over all minimum-image pairs.
+    """
+    n = pos.shape[0]
+    m_w = kinds.shape[0]
+    f = np.zeros((n, 3))
+    rc2 = cutoff * cutoff
+    for k in range(n):
+        for i in range(n):
+            if i == k:
+                continue
+            dx = pos[k, 0] - pos[i, 0]
+            dy = pos[k, 1] - pos[i, 1]
+            dz = pos[k, 2] - pos[i, 2]
+            dx -= box[0] * np.rint(dx / box[0])
+            dy -= box[1] * np.rint(dy / box[1])
+            dz -= box[2] * np.rint(dz / box[2])
+            r2 = dx * dx + dy * dy + dz * dz
+            if cutoff > 0.0 and r2 >= rc2:
+                continue
+            r = np.sqrt(r2)
+            fc = 1.0
+            dfc = 0.0
+            if cutoff > 0.0:
+                x = (r - (cutoff - width)) / width
+                if x > 0.0:
+                    fc = 1.0 - x * x * (3.0 - 2.0 * x)
+                    dfc = -6.0 * x * (1.0 - x) / width
+            a = species[i]
+            s = 0.0
+            for mm in range(m_w):
+                w, dw = _weight(kinds[mm], params[mm], r)
+                s += dh[k, a * m_w + mm] * (dw * fc + w * dfc)
+            s /= r
+            f[k, 0] -= s * dx
+            f[k, 1] -= s * dy
+            f[k, 2] -= s * dz
+            f[i, 0] += s * dx
+            f[i, 1] += s * dy
+            f[i, 2] += s * dz
+    return f
+
+
+@dataclass(frozen=True)
+class Model:
+    """A fitted model (see the module docstring). ``A[s]`` is (P,), ``B[s]`` (P, P) symmetric, eV."""
+
+    kind: str
+    species: tuple[str, ...]
+    masses: tuple[float, ...]
+    weights: WeightSet
+    A: tuple[np.ndarray, ...]
+    B: tuple[np.ndarray, ...]
+    cutoff_angstrom: float | None = None
+    width_angstrom: float = 1.0
+    metrics: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ModelError(f"model kind {self.kind!r}; expected one of {KINDS}")
+        p = len(self.species) * len(self.weights)
+        for s, (a, b) in enumerate(zip(self.A, self.B)):
+            if np.shape(a) != (p,) or np.shape(b) != (p, p):
+                raise ModelError(f"species {self.species[s]}: A must have {p} entries and B be {p}x{p} "
+                                 f"({len(self.species)} species x {len(self.weights)} weight functions); "
+                                 f"got {np.shape(a)} and {np.shape(b)}")
+            if not np.allclose(b, np.transpose(b), rtol=1e-12, atol=0):
+                raise ModelError(f"species {self.species[s]}: B is not symmetric")
+        if len(self.A) != len(self.species) or len(self.masses) != len(self.species):
+            raise ModelError("one A, B and mass per species is required")
+
+    @property
+    def neighbour_mode(self) -> str:
+        return "paper" if self.cutoff_angstrom is None else "cutoff"
+
+    # ---------------------------------------------------------------- evaluation
+    def _setup(self, species, box):
+        codes, _ = species_index(species, list(self.species))
+        cutoff, width = check_cutoff(self.cutoff_angstrom, self.width_angstrom, np.asarray(box))
+        kinds, params = self.weights.arrays()
+        return codes, cutoff, width, kinds, params
+
+    def dh_dphi(self, phi: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """dH_{s_k}/dphi at each atom's invariants: (N, P)."""
+        out = np.empty_like(phi)
+        for s in range(len(self.species)):
+            at = codes == s
+            out[at] = self.A[s] + phi[at] @ self.B[s]
+        return out
+
+    def energy(self, positions, box, species) -> float:
+        """E = sum_k H_{s_k}(phi_k) in eV (the conservative kind's energy; for the agent kind the
+        sum of the agents' losses, which is not a potential of its forces)."""
+        codes, cutoff, width, kinds, params = self._setup(species, box)
+        phi, _ = invariants_frame(np.asarray(positions, float), np.asarray(box, float), codes, len(self.species),
+                                  kinds, params, cutoff, width)
+        phi = phi.reshape(len(codes), -1)
+        total = 0.0
+        for s in range(len(self.species)):
+            ph = phi[codes == s]
+            total += float(np.sum(ph @ self.A[s]) + 0.5 * np.einsum("kj,jl,kl->", ph, self.B[s], ph))
+        return total
+
+    def forces(self, positions, box, species) -> np.ndarray:
+        """Forces (eV/Å): -grad E (conservative) or -grad_k H_{s_k} with others fixed (agent)."""
+        codes, cutoff, width, kinds, params = self._setup(species, box)
+        pos = np.ascontiguousarray(positions, dtype=float)
+        bx = np.asarray(box, float)
+        phi, grad = invariants_frame(pos, bx, codes, len(self.species), kinds, params, cutoff, width)
+        n = len(codes)
+        phi = phi.reshape(n, -1)
+        dh = self.dh_dphi(phi, codes)
+        if self.kind == "agent":
+            return -np.einsum("kj,kjc->kc", dh, grad.reshape(n, phi.shape[1], 3))
+        return conservative_forces(pos, bx, codes, len(self.species), kinds, params, cutoff, width, dh)
+
+    def accelerations(self, positions, box, species) -> np.ndarray:
+        """Accelerations (Å/fs^2): forces / masses."""
+        codes, _ = species_index(species, list(self.species))
+        mass = np.asarray(self.masses)[codes]
+        return self.forces(positions, box, species) / mass[:, None] * EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
+
+    # ---------------------------------------------------------------- JSON
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "kind": self.kind,
+            "species": list(self.species),
+            "masses_amu": dict(zip(self.species, self.masses)),
+            "weight_functions": self.weights.to_json(),
+            "invariant_order": "source-major: index = source_species_index * n_weights + weight_index",
+            "neighbour_mode": self.neighbour_mode,
+            "cutoff_angstrom": self.cutoff_angstrom,
+            "cutoff_width_angstrom": self.width_angstrom,
+            "units": {"A": "eV", "B": "eV", "phi": "1 (sum of weights)"},
+            "loss": "H_s(phi) = A_s . phi + 1/2 phi . B_s . phi",
+            "coefficients": {s: {"A": self.A[i].tolist(), "B": self.B[i].tolist()} for i, s in enumerate(self.species)},
+            "metrics": self.metrics,
+            "provenance": {**self.provenance, "ensemble_version": __version__},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON, atomically (temporary file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "<model>") -> "Model":
+        def need(key):
+            if key not in d:
+                raise ModelError(f"{source}: missing field {key!r}")
+            return d[key]
+
+        if need("format") != FORMAT:
+            raise ModelError(f"{source}: format {d['format']!r}; expected {FORMAT!r}")
+        species = tuple(str(s) for s in need("species"))
+        masses = need("masses_amu")
+        coefs = need("coefficients")
+        try:
+            weights = WeightSet.from_json(need("weight_functions"))
+        except ValueError as exc:
+            raise ModelError(f"{source}: {exc}") from None
+        for s in species:
+            if s not in masses or s not in coefs:
+                raise ModelError(f"{source}: species {s!r} has no mass or no coefficients")
+        mode = need("neighbour_mode")
+        cutoff = d.get("cutoff_angstrom")
+        if mode not in ("paper", "cutoff") or (mode == "cutoff") != (cutoff is not None):
+            raise ModelError(f"{source}: neighbour_mode {mode!r} with cutoff_angstrom {cutoff!r} is inconsistent")
+        try:
+            a = tuple(np.asarray(coefs[s]["A"], dtype=float) for s in species)
+            b = tuple(np.asarray(coefs[s]["B"], dtype=float) for s in species)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: coefficients must be {{species: {{'A': [...], 'B': [[...]]}}}}: {exc}") from None
+        for arr in a + b:
+            if not np.isfinite(arr).all():
+                raise ModelError(f"{source}: non-finite coefficient")
+        try:
+            return cls(kind=need("kind"), species=species, masses=tuple(float(masses[s]) for s in species),
+                       weights=weights, A=a, B=b, cutoff_angstrom=None if cutoff is None else float(cutoff),
+                       width_angstrom=float(d.get("cutoff_width_angstrom", 1.0)), metrics=d.get("metrics", {}),
+                       provenance=d.get("provenance", {}))
+        except ModelError as exc:
+            raise ModelError(f"{source}: {exc}") from None
+
+
+def load_model(path: str | Path) -> Model:
+    """Read a model JSON file; malformed files give a ModelError naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return Model.from_json(d, str(path))
+
+
+def coefficients_from_columns(coef: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, symmetric B) from a column vector [A (P), B upper triangle (P(P+1)/2)]."""
+    a = np.asarray(coef[:p], dtype=float)
+    b = np.zeros((p, p))
+    if coef.shape[0] > p:
+        j, l = np.triu_indices(p)
+        b[j, l] = coef[p:]
+        b[l, j] = coef[p:]
+    return a, b
+
+
