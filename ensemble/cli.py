@@ -139,6 +139,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_fit(args) -> int:
+    from .cluster import open_client
+    from .fit.pipeline import fit_store, format_table, load_fit_config, plot_selection
+
+    overrides = {"kind": args.kind, "keep": args.keep, "frame_stride": args.frame_stride,
+                 "chunk_frames": args.chunk_frames}
+    if args.cutoff is not None:
+        overrides.update(neighbour_mode="cutoff", cutoff_angstrom=args.cutoff)
+    try:
+        cfg = load_fit_config(args.config, **overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from .io import open_trajectory
+
+    open_trajectory(args.store)            # a clear error before any cluster starts
+    out = Path(args.out or f"model-{cfg.kind}.json")
+    with open_client(args.scheduler, args.workers):
+        report = fit_store(args.store, cfg, progress=lambda m: print(m, file=sys.stderr))
+    report.model.save(out)
+    png = plot_selection(report, out.with_name(out.stem + "-selection.png"))
+    print(format_table(report, cfg.kind))
+    print(f"wrote {out} and {png}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import bench_ingest
 
@@ -185,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_reference)
 
+    s = sub.add_parser("fit", help="fit agent losses (or the conservative model) on a trajectory store")
+    s.add_argument("store")
+    s.add_argument("--config", help="fit config TOML (default: the built-in defaults, see configs/fit.toml)")
+    s.add_argument("--kind", choices=["agent", "conservative"])
+    s.add_argument("--out", help="model JSON to write (default model-KIND.json)")
+    s.add_argument("--cutoff", type=float, help="cutoff mode with this cutoff, Å (default: paper mode)")
+    s.add_argument("--keep", type=int, help="weight functions kept by backward elimination (default 7)")
+    s.add_argument("--frame-stride", type=int, help="use every n-th frame")
+    s.add_argument("--chunk-frames", type=int, help="frames per dask task")
+    s.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
+    s.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
+    s.set_defaults(func=cmd_fit)
+
     s = sub.add_parser("demo", help="ingest the embedded CP2K data and summarise it")
     s.add_argument("--out", default="ensemble-demo", help="output directory (default ./ensemble-demo)")
     s.set_defaults(func=cmd_demo)
@@ -202,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     from .io.cp2k import IngestError
     from .io.cp2k_input import InputError
     from .io.store import StoreError
+    from .model import ModelError
     from .reference import ConfigError, Cp2kFailed, Cp2kNotFound
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, IngestError, InputError, StoreError, ConfigError, Cp2kFailed, Cp2kNotFound, FileExistsError,
+    except (UsageError, ModelError, IngestError, InputError, StoreError, ConfigError, Cp2kFailed, Cp2kNotFound, FileExistsError,
             FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

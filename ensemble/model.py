@@ -187,6 +187,7 @@ class Model:
     def save(self, path: str | Path) -> Path:
         """Write as JSON, atomically (temporary file, then rename)."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
         tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True))
         tmp.replace(path)

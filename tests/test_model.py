@@ -70,6 +70,13 @@ def test_conservative_design_matches_the_force_kernel(frame, cutoff):
     coef = np.concatenate([np.concatenate([model.A[s], model.B[s][j, l]]) for s in range(2)])
     assert x.shape == (36 * 3, 2 * n_columns(p))
     assert_allclose(x @ coef, model.forces(pos, box, frame["species"].values).ravel(), rtol=1e-10, atol=1e-12)
+    # the BLAS formulation used by the fit builds the same matrix as the pair-loop reference
+    from ensemble.fit import conservative_design_blas
+
+    _, grad = invariants_frame(pos, box, codes, 2, kinds, params, cutoff, 1.5)
+    xb = conservative_design_blas(pos, box, codes, 2, kinds, params, cutoff, 1.5, phi.reshape(36, -1),
+                                  grad.reshape(36, -1, 3))
+    assert_allclose(xb, x, rtol=1e-10, atol=1e-12 * np.abs(x).max())
 
 
 def test_planted_conservative_coefficients_are_recovered(frame):

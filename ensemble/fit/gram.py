@@ -32,10 +32,10 @@ import xarray as xr
 
 from numba import njit
 
-from .invariants import WeightSet, _weight, check_cutoff, invariants_frames, orthorhombic_box, species_index
-from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
+from ..invariants import WeightSet, _weight, check_cutoff, invariants_frames, orthorhombic_box, species_index
+from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
-__all__ = ["Splits", "GramSet", "SpeciesFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
+__all__ = ["Splits", "GramSet", "SpeciesFit", "JointFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
            "accumulate_gram", "solve_ridge", "relative_rmse", "fit_species", "backward_elimination",
            "columns_for_weights"]
 
@@ -169,6 +169,85 @@ def conservative_design(pos, box, species, n_species, kinds, params, cutoff, wid
     return out
 
 
+@njit(cache=True)
+def pair_gradients(pos, box, kinds, params, cutoff, width):
+    """G[k, i, m, :] = (w_m fc)'(r_ki) (q_k - q_i) / r_ki for every pair (zero for i = k and
+    beyond the cutoff): the derivative of pair (k, i)'s term in phi[k, (s_i, m)] w.r.t. q_k."""
+    n = pos.shape[0]
+    m_w = kinds.shape[0]
+    out = np.zeros((n, n, m_w, 3))
+    for k in range(n):
+        for i in range(k + 1, n):
+            dx = pos[k, 0] - pos[i, 0]
+            dy = pos[k, 1] - pos[i, 1]
+            dz = pos[k, 2] - pos[i, 2]
+            dx -= box[0] * np.rint(dx / box[0])
+            dy -= box[1] * np.rint(dy / box[1])
+            dz -= box[2] * np.rint(dz / box[2])
+            r2 = dx * dx + dy * dy + dz * dz
+            if cutoff > 0.0 and r2 >= cutoff * cutoff:
+                continue
+            r = np.sqrt(r2)
+            fc = 1.0
+            dfc = 0.0
+            if cutoff > 0.0:
+                x = (r - (cutoff - width)) / width
+                if x > 0.0:
+                    fc = 1.0 - x * x * (3.0 - 2.0 * x)
+                    dfc = -6.0 * x * (1.0 - x) / width
+            for mm in range(m_w):
+                w, dw = _weight(kinds[mm], params[mm], r)
+                g = (dw * fc + w * dfc) / r
+                out[k, i, mm, 0] = g * dx
+                out[k, i, mm, 1] = g * dy
+                out[k, i, mm, 2] = g * dz
+                out[i, k, mm, 0] = -g * dx
+                out[i, k, mm, 1] = -g * dy
+                out[i, k, mm, 2] = -g * dz
+    return out
+
+
+def conservative_design_blas(pos, box, codes, n_species, kinds, params, cutoff, width, phi, grad, quadratic=True):
+    """Same rows as :func:`conservative_design`, with the O(N^2 M P) part done by BLAS.
+
+    With d phi[k, f=(a, m)] / d q_l = delta_kl grad[l, f] - [s_l = a] G[k, l, m]:
+    linear column f of block s, row l:  -[s_l = s] grad[l, f] + [s_l = a] sum_{k of s} G[k, l, m];
+    Y_jf[l] = sum_{k of s} phi_j[k] d phi_f[k] / d q_l
+            = [s_l = s] phi_j[l] grad[l, f] - [s_l = a] (phi_s^T G_s)[j, l, m]  (one matmul);
+    quadratic column (j, f): -(Y_jf + Y_fj), or -Y_ff on the diagonal (1/2 phi_f^2).
+
+    phi (N, P) and grad (N, P, 3) are the frame's invariants and self-gradients.
+    """
+    n = pos.shape[0]
+    m_w = kinds.shape[0]
+    p = n_species * m_w
+    g = pair_gradients(pos, box, kinds, params, cutoff, width)          # (n, n, M, 3)
+    j, l = quadratic_index(p)
+    blocks = []
+    for s in range(n_species):
+        ks = np.flatnonzero(codes == s)
+        lin = np.zeros((n, 3, n_species, m_w))
+        lin[ks] -= grad[ks].reshape(len(ks), n_species, m_w, 3).transpose(0, 3, 1, 2)
+        r = g[ks].sum(axis=0)                                            # (n, M, 3)
+        for a in range(n_species):
+            la = np.flatnonzero(codes == a)
+            lin[la, :, a, :] += r[la].transpose(0, 2, 1)
+        cols = [lin.reshape(n * 3, p)]
+        if quadratic:
+            q = (phi[ks].T @ g[ks].reshape(len(ks), -1)).reshape(p, n, m_w, 3)
+            y = np.zeros((p, p, n, 3))
+            y[:, :, ks, :] = phi[ks].T[:, None, :, None] * grad[ks].transpose(1, 0, 2)[None]
+            for a in range(n_species):
+                la = np.flatnonzero(codes == a)
+                y[:, a * m_w:(a + 1) * m_w, la, :] -= q[:, la].transpose(0, 2, 1, 3)
+            quad = y[j, l] + y[l, j]
+            diag = j == l
+            quad[diag] *= 0.5
+            cols.append(-quad.transpose(1, 2, 0).reshape(n * 3, -1))
+        blocks.append(np.concatenate(cols, axis=1))
+    return np.concatenate(blocks, axis=1)
+
+
 def _gram_chunk(pos, acc, box, split, *, codes, n_species, kinds, params, cutoff, width, scales, quadratic,
                 batch, kind="agent"):
     """Augmented Gram matrices of one frame chunk: (1, S, 3, C + 1, C + 1) (C over all species
@@ -191,8 +270,8 @@ def _gram_chunk(pos, acc, box, split, *, codes, n_species, kinds, params, cutoff
             if frames.size == 0:
                 continue
             if kind == "conservative":
-                xs = [conservative_design(pos[a + t], box[a + t], codes, n_species, kinds, params, cutoff, width,
-                                          phi[t], quadratic) for t in frames]
+                xs = [conservative_design_blas(pos[a + t], box[a + t], codes, n_species, kinds, params, cutoff,
+                                               width, phi[t], grad[t], quadratic) for t in frames]
                 for s in range(n_species):
                     rows = (3 * np.flatnonzero(codes == s)[:, None] + np.arange(3)).ravel()
                     z = np.concatenate([np.concatenate([x[rows], acc[a + t].reshape(-1, 1)[rows]], axis=1)

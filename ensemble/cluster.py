@@ -1,0 +1,74 @@
+"""Dask clusters: a LocalCluster sized to the machine, or an existing scheduler.
+
+numba kernels are warmed once per worker (compiled or loaded from cache) before
+work fans out; workers use one BLAS / OpenMP thread each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator
+
+__all__ = ["open_client", "warm_kernels"]
+
+_SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                  "NUMBA_NUM_THREADS": "1"}
+
+
+def warm_kernels() -> str:
+    """Call every numba kernel once on a tiny system (compiles, or loads the on-disk cache)."""
+    import numpy as np
+
+    from .fit.gram import conservative_design, pair_gradients
+    from .invariants import invariants_frames, paper_weights
+    from .model import conservative_forces
+
+    k, p = paper_weights().arrays()
+    pos = np.array([[0.0, 0.0, 0.0], [1.0, 0.2, 0.1], [0.3, 1.1, 0.2]])
+    box = np.full(3, 10.0)
+    sp = np.array([0, 1, 1])
+    phi, _ = invariants_frames(pos[None], box[None], sp, 2, k, p, -1.0, 1.0)
+    invariants_frames(pos[None], box[None], sp, 2, k, p, 3.0, 1.0)
+    pair_gradients(pos, box, k, p, -1.0, 1.0)
+    conservative_design(pos, box, sp, 2, k, p, -1.0, 1.0, phi[0].reshape(3, -1), True)
+    conservative_forces(pos, box, sp, 2, k, p, -1.0, 1.0, np.zeros((3, 2 * len(k))))
+    return "warm"
+
+
+@contextlib.contextmanager
+def open_client(scheduler: str | None = None, n_workers: int | None = None, report=None) -> Iterator:
+    """A dask.distributed Client: on ``scheduler`` if given, else on a new LocalCluster with one
+    single-threaded worker process per core (dashboard on localhost, link reported)."""
+    from distributed import Client, LocalCluster
+
+    report = report or (lambda msg: print(msg, file=sys.stderr))
+    if scheduler:
+        client = Client(scheduler)
+        cluster = None
+    else:
+        n = n_workers or max(1, min(os.cpu_count() or 1, 8))
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address="127.0.0.1:0", env=_SINGLE_THREAD)
+        client = Client(cluster)
+    try:
+        report(f"dask: {len(client.scheduler_info()['workers'])} workers, dashboard {client.dashboard_link}")
+        client.run(warm_kernels)
+        yield client
+    finally:
+        import logging
+
+        # workers' last heartbeats race the scheduler's shutdown; those messages are noise here
+        quiet = [logging.getLogger(n) for n in ("distributed", "distributed.comm", "distributed.core",
+                                                 "distributed.worker", "distributed.nanny")]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        finally:
+            for lg, lv in zip(quiet, levels):
+                lg.setLevel(lv)
