@@ -125,3 +125,141 @@ def bench_ingest(size_mb: float = 200.0, workdir: str | Path | None = None, n_mo
           f"({res['ingest_s']:.1f} s; target >= 50 MB/s on one core)")
     print(f"  peak RSS                     {res['peak_rss_MB']:8.0f} MB")
     return res
+
+
+def _worker_peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _blas_syrk_gflops(rows: int, cols: int, repeat: int = 5) -> float:
+    """GFLOP/s of this machine's BLAS forming Z^T Z (numpy dispatches it to syrk) on one thread."""
+    z = np.random.default_rng(0).normal(size=(rows, cols))
+    z.T @ z
+    t = time.perf_counter()
+    for _ in range(repeat):
+        z.T @ z
+    dt = (time.perf_counter() - t) / repeat
+    return rows * cols * cols / dt / 1e9          # syrk: rows * cols * (cols + 1) / 2 multiply-adds
+
+
+def _phase_breakdown(n_frames: int = 16) -> dict:
+    """ms per frame of invariants, design rows and Z^T Z (agent, paper mode, 18 weights), and this
+    process's BLAS syrk rate on the same shapes. Runs inside a (single-threaded) worker."""
+    from .data import load_default
+    from .fit.gram import agent_rows, n_columns
+    from .invariants import invariants_frames, paper_weights, species_index
+
+    ds = load_default().isel(frame=slice(0, n_frames))
+    k, p = paper_weights().arrays()
+    codes, _ = species_index(ds["species"].values)
+    pos = np.ascontiguousarray(ds["positions"].values)
+    acc = ds["accelerations"].values
+    box = np.tile(np.diag(ds["cell"].values), (n_frames, 1))
+    invariants_frames(pos[:1], box[:1], codes, 2, k, p, -1.0, 1.0)
+    t = time.perf_counter()
+    phi, grad = invariants_frames(pos, box, codes, 2, k, p, -1.0, 1.0)
+    t_inv = time.perf_counter() - t
+    phi = phi.reshape(n_frames, len(codes), -1)
+    grad = grad.reshape(n_frames, len(codes), phi.shape[2], 3)
+    c = n_columns(phi.shape[2]) + 1
+    zs = [np.empty((3 * int(np.sum(codes == s)) * n_frames, c)) for s in range(2)]
+    t_rows = 0.0
+    for rep in range(2):                     # first pass compiles / loads the kernel
+        t = time.perf_counter()
+        for s in range(2):
+            at = np.flatnonzero(codes == s)
+            nr = 3 * at.size
+            for f in range(n_frames):
+                agent_rows(np.ascontiguousarray(phi[f][at]), np.ascontiguousarray(grad[f][at]),
+                           np.ascontiguousarray(acc[f][at]), 0.01, True, zs[s][f * nr:(f + 1) * nr])
+        t_rows = time.perf_counter() - t
+    t = time.perf_counter()
+    for z in zs:
+        z.T @ z
+    t_zz = time.perf_counter() - t
+    flop = sum(z.shape[0] for z in zs) * c * c
+    return {"invariants_ms": 1e3 * t_inv / n_frames, "rows_ms": 1e3 * t_rows / n_frames,
+            "ztz_ms": 1e3 * t_zz / n_frames, "flop_per_frame": flop / n_frames,
+            "syrk_gflops": _blas_syrk_gflops(zs[0].shape[0], c)}
+
+
+def bench_gram(frames: int | None = None, long_factor: int = 10, workdir: str | Path | None = None) -> dict:
+    """Gram reduction of the agent model (paper mode, the paper's 18 weights) on the embedded data.
+
+    Prints frames/s with 1 and 2 workers, peak resident memory per worker for the default
+    store and for a store ``long_factor`` times longer (frames repeated), and the effective
+    rate of the Z^T Z accumulation against the machine's single-thread BLAS syrk rate.
+    """
+    from .cluster import open_client
+    from .data import load_default
+    from .fit.gram import Splits, accumulate_gram, n_columns
+    from .invariants import paper_weights
+    from .io.store import create_store, open_trajectory, write_frames
+
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ensemble-bench-"))
+    ws = paper_weights()
+    splits = Splits(0.0, 0.8, 0.1, 0.1)
+    try:
+        base = load_default()
+        if frames:
+            base = base.isel(frame=slice(0, frames))
+        n = base.sizes["frame"]
+        stores = {}
+        for factor in (1, long_factor):
+            path = tmp / f"x{factor}.zarr"
+            create_store(path, base.isel(frame=slice(0, 1)), n * factor, 50)
+            for r in range(factor):
+                for a in range(0, n, 50):
+                    blk = base.isel(frame=slice(a, a + 50))
+                    blk = blk.assign_coords(step=blk["step"] + r * n, time=blk["time"] + r * n * 0.5)
+                    write_frames(path, blk, r * n + a)
+            stores[factor] = path
+        res = {"frames": n, "atoms": int(base.sizes["atom"]), "weights": len(ws)}
+        p = 2 * len(ws)
+        c = n_columns(p) + 1
+        rows_per_frame = 3 * base.sizes["atom"]
+        flop_per_frame = rows_per_frame * c * c       # Z^T Z multiply-adds x 2 / 2 (symmetric)
+        for workers in (1, 2):
+            with open_client(n_workers=workers, report=lambda m: None) as client:
+                ds = open_trajectory(stores[1]).chunk({"frame": 50})
+                accumulate_gram(ds.isel(frame=slice(0, 100)), ws, splits=splits)       # warm-up
+                t = time.perf_counter()
+                accumulate_gram(ds, ws, splits=splits)
+                dt = time.perf_counter() - t
+                res[f"frames_per_s_{workers}w"] = n / dt
+                res[f"gflops_per_worker_{workers}w"] = n * flop_per_frame / dt / 1e9 / workers
+                res[f"peak_rss_mb_{workers}w"] = max(client.run(_worker_peak_rss_mb).values())
+                if workers == 1:
+                    res["phases"] = next(iter(client.run(_phase_breakdown).values()))
+        with open_client(n_workers=2, report=lambda m: None) as client:
+            ds = open_trajectory(stores[long_factor]).chunk({"frame": 50})
+            t = time.perf_counter()
+            accumulate_gram(ds, ws, splits=splits)
+            res["long_frames"] = n * long_factor
+            res["long_frames_per_s_2w"] = n * long_factor / (time.perf_counter() - t)
+            res["long_peak_rss_mb_2w"] = max(client.run(_worker_peak_rss_mb).values())
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    ph = res["phases"]
+    res["blas_syrk_gflops"] = ph["syrk_gflops"]
+    eff = res["gflops_per_worker_1w"] / res["blas_syrk_gflops"]
+    acc_rate = ph["flop_per_frame"] / ((ph["rows_ms"] + ph["ztz_ms"]) * 1e-3) / 1e9
+    print(f"ensemble bench gram: agent model, paper mode, {res['weights']} weights ({c - 1} columns per species), "
+          f"{res['atoms']} atoms")
+    print(f"  1 worker    {res['frames_per_s_1w']:7.1f} frames/s   peak RSS/worker {res['peak_rss_mb_1w']:6.0f} MB")
+    print(f"  2 workers   {res['frames_per_s_2w']:7.1f} frames/s   peak RSS/worker {res['peak_rss_mb_2w']:6.0f} MB   "
+          f"(scaling efficiency {res['frames_per_s_2w'] / res['frames_per_s_1w'] / 2:.0%})")
+    print(f"  {long_factor}x longer store ({res['long_frames']} frames), 2 workers: {res['long_frames_per_s_2w']:7.1f} "
+          f"frames/s, peak RSS/worker {res['long_peak_rss_mb_2w']:6.0f} MB")
+    print(f"  per frame in one worker: invariants {ph['invariants_ms']:.1f} ms, design rows {ph['rows_ms']:.1f} ms, "
+          f"Z^T Z {ph['ztz_ms']:.1f} ms")
+    print(f"  Gram accumulation (rows + Z^T Z): {acc_rate:.1f} GFLOP/s = {acc_rate / ph['syrk_gflops']:.0%} of this "
+          f"machine's single-thread BLAS syrk ({ph['syrk_gflops']:.1f} GFLOP/s; target >= 50%)")
+    print(f"  whole reduction incl. invariants and dask: {res['gflops_per_worker_1w']:.1f} GFLOP/s per worker "
+          f"= {eff:.0%} of syrk")
+    res["syrk_fraction_accumulation"] = acc_rate / ph["syrk_gflops"]
+    res["syrk_fraction_total"] = eff
+    return res

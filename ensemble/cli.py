@@ -165,9 +165,12 @@ def cmd_fit(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench_ingest
+    from . import bench
 
-    bench_ingest(size_mb=args.size_mb, workdir=args.workdir)
+    if args.what == "ingest":
+        bench.bench_ingest(size_mb=args.size_mb, workdir=args.workdir)
+    else:
+        bench.bench_gram(frames=args.frames, long_factor=args.long_factor, workdir=args.workdir)
     return 0
 
 
@@ -231,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = s.add_subparsers(dest="what", required=True)
     b = bsub.add_parser("ingest", help="CP2K xyz ingestion throughput (MB/s, one core)")
     b.add_argument("--size-mb", type=float, default=200.0, help="size of the synthetic pos file, MB")
+    b.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("gram", help="Gram reduction: frames/s with 1 and 2 workers, memory, syrk fraction")
+    b.add_argument("--frames", type=int, help="frames of the embedded data to use (default all)")
+    b.add_argument("--long-factor", type=int, default=10, help="length of the long store, in default stores")
     b.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     b.set_defaults(func=cmd_bench)
     return p

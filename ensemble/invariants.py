@@ -107,13 +107,22 @@ def _weight(kind, p, r):
     if kind == 1:
         w = np.exp(-r * r / (2.0 * p * p))
         return w, -r / (p * p) * w
-    w = r ** (-p)
+    if p == 1.0:
+        w = 1.0 / r
+    elif p == 2.0:
+        w = 1.0 / (r * r)
+    else:
+        w = r ** (-p)
     return w, -p * w / r
 
 
 @njit(cache=True)
 def _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad):
-    """Add pair (k, i) to atom k's invariants and self-gradients (nothing beyond the cutoff)."""
+    """Add pair (k, i) to both atoms' invariants and self-gradients (nothing beyond the cutoff).
+
+    Each weight function is evaluated once per pair: phi[k, s_i] and phi[i, s_k] get the
+    same value, the self-gradients opposite vectors.
+    """
     dx = pos[k, 0] - pos[i, 0]
     dy = pos[k, 1] - pos[i, 1]
     dz = pos[k, 2] - pos[i, 2]
@@ -132,22 +141,27 @@ def _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad):
             fc = 1.0 - x * x * (3.0 - 2.0 * x)
             dfc = -6.0 * x * (1.0 - x) / width
     a = species[i]
+    b = species[k]
     for m in range(kinds.shape[0]):
         w, dw = _weight(kinds[m], params[m], r)
-        phi[k, a, m] += w * fc
+        v = w * fc
         g = (dw * fc + w * dfc) / r
+        phi[k, a, m] += v
+        phi[i, b, m] += v
         grad[k, a, m, 0] += g * dx
         grad[k, a, m, 1] += g * dy
         grad[k, a, m, 2] += g * dz
+        grad[i, b, m, 0] -= g * dx
+        grad[i, b, m, 1] -= g * dy
+        grad[i, b, m, 2] -= g * dz
 
 
 @njit(cache=True)
 def _all_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad):
     n = pos.shape[0]
     for k in range(n):
-        for i in range(n):
-            if i != k:
-                _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad)
+        for i in range(k + 1, n):
+            _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad)
 
 
 @njit(cache=True)
@@ -181,7 +195,7 @@ def _cell_list_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad)
                     cz = (cell_of[k, 2] + oz) % nc[2]
                     i = head[(cx * nc[1] + cy) * nc[2] + cz]
                     while i >= 0:
-                        if i != k:
+                        if i > k:     # each pair once (>= 3 cells per edge: 27 distinct cells)
                             _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad)
                         i = nxt[i]
 

@@ -109,6 +109,29 @@ def agent_design(phi: np.ndarray, grad: np.ndarray, scale: float, quadratic: boo
 
 
 @njit(cache=True)
+def agent_rows(phi, grad, acc, scale, quadratic, out):
+    """:func:`agent_design` rows plus the target column, written into ``out`` (n * 3, C + 1)
+    without temporaries: the hot loop of the agent Gram accumulation."""
+    n, p = phi.shape
+    for k in range(n):
+        for c in range(3):
+            row = 3 * k + c
+            for j in range(p):
+                out[row, j] = -scale * grad[k, j, c]
+            if quadratic:
+                col = p
+                for j in range(p):
+                    pj = phi[k, j]
+                    gj = grad[k, j, c]
+                    out[row, col] = -scale * pj * gj          # diagonal: 1/2 phi_j^2
+                    col += 1
+                    for l in range(j + 1, p):
+                        out[row, col] = -scale * (pj * grad[k, l, c] + phi[k, l] * gj)
+                        col += 1
+            out[row, out.shape[1] - 1] = acc[k, c]
+
+
+@njit(cache=True)
 def conservative_design(pos, box, species, n_species, kinds, params, cutoff, width, phi, quadratic):
     """Design rows of the conservative model for one frame: (N * 3, S * C), rows (atom, xyz).
 
@@ -280,9 +303,12 @@ def _gram_chunk(pos, acc, box, split, *, codes, n_species, kinds, params, cutoff
                 continue
             for s in range(n_species):
                 atoms = np.flatnonzero(codes == s)
-                rows = [np.concatenate([agent_design(phi[t][atoms], grad[t][atoms], scales[s], quadratic),
-                                        acc[a + t][atoms].reshape(-1, 1)], axis=1) for t in frames]
-                z = np.concatenate(rows)
+                nr = 3 * atoms.size
+                z = np.empty((nr * frames.size, c + 1))
+                for q, t in enumerate(frames):
+                    agent_rows(np.ascontiguousarray(phi[t][atoms]), np.ascontiguousarray(grad[t][atoms]),
+                               np.ascontiguousarray(acc[a + t][atoms]), scales[s], quadratic,
+                               z[q * nr:(q + 1) * nr])
                 out[0, s, sp] += z.T @ z
     return out
 

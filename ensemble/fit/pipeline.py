@@ -88,6 +88,7 @@ def load_fit_config(path: str | Path | None, **overrides) -> FitConfig:
 class FitReport:
     model: Model
     table: dict                 # order -> species -> split -> relative RMSE
+    conditions: dict            # species (or "joint") -> condition number of the standardized Gram
     curves: dict                # species (or "joint") -> list of (n_kept, validation error, kept labels)
     chosen: dict                # species -> kept weight labels
     gram_seconds: float
@@ -142,6 +143,7 @@ def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport
     table: dict = {"linear": {}, "quadratic": {}}
     curves: dict = {}
     chosen: dict = {}
+    conditions: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         if cfg.kind == "agent":
@@ -153,6 +155,7 @@ def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport
                 chosen_idx[name] = keep
                 chosen[name] = [cfg.weights.labels[i] for i in keep]
                 fits[name] = fit_species(gram, s, keep, cfg.ridge)
+                conditions[name] = fits[name].condition
                 table["quadratic"][name] = fits[name].errors
                 table["linear"][name] = fit_species(gram, s, keep, cfg.ridge, quadratic=False).errors
         else:
@@ -162,10 +165,11 @@ def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport
             for name in gram.species:
                 chosen[name] = [cfg.weights.labels[i] for i in keep]
             joint = fit_joint(gram, keep, cfg.ridge)
+            conditions["joint"] = joint.condition
             lin = fit_joint(gram, keep, cfg.ridge, quadratic=False)
             table["quadratic"] = joint.errors
             table["linear"] = lin.errors
-    metrics = {"relative_rmse": table, "selection_curve": curves, "chosen_weight_functions": chosen,
+    metrics = {"relative_rmse": table, "condition_number": conditions, "selection_curve": curves, "chosen_weight_functions": chosen,
                "splits": cfg.splits.__dict__, "ridge": cfg.ridge, "frames": int(ds.sizes["frame"]),
                "frame_stride": cfg.frame_stride,
                "target": "accelerations (Å/fs^2)" if cfg.kind == "agent" else "forces (eV/Å)"}
@@ -176,7 +180,7 @@ def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport
         model = _model_from_agent(cfg, gram, fits, chosen_idx, masses, prov, metrics)
     else:
         model = _model_from_joint(cfg, gram, joint, keep, masses, prov, metrics)
-    return FitReport(model=model, table=table, curves=curves, chosen=chosen, gram_seconds=gram_s,
+    return FitReport(model=model, table=table, conditions=conditions, curves=curves, chosen=chosen, gram_seconds=gram_s,
                      frames=int(ds.sizes["frame"]))
 
 
@@ -192,6 +196,12 @@ def format_table(report: FitReport, kind: str) -> str:
             lines.append(f"{order:<10} {split:<11} {vals}")
     for s, labels in report.chosen.items():
         lines.append(f"kept for {s}: {', '.join(labels)}")
+    full = {name: curve[0][1] for name, curve in report.curves.items()}
+    lines.append("validation error with all weight functions: "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in full.items()))
+    conds = ", ".join(f"{k} {v:.1e}" for k, v in report.conditions.items())
+    lines.append(f"condition number of the standardized Gram matrix (train): {conds}"
+                 + ("  [poor: ridge-regularised]" if max(report.conditions.values()) > 1e12 else ""))
     return "\n".join(lines)
 
 
@@ -201,12 +211,17 @@ def plot_selection(report: FitReport, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    kept = len(next(iter(report.chosen.values())))
     fig, axes = plt.subplots(1, len(report.curves), figsize=(4.5 * len(report.curves), 3.4), squeeze=False)
     for ax, (name, curve) in zip(axes[0], report.curves.items()):
         n = [c[0] for c in curve]
         e = [c[1] for c in curve]
-        ax.plot(n, e, "o-", ms=3)
+        ax.plot(n, e, "o-", ms=3, label="backward elimination")
+        ax.axvline(kept, color="0.5", ls="--", lw=0.8, label=f"kept: {kept}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
         ax.set_xlabel("weight functions kept")
         ax.set_ylabel("validation relative RMSE")
         ax.set_title({"joint": "all species (conservative)"}.get(name, name))
