@@ -16,7 +16,6 @@ phi_k (P = n_species x n_weights, source-major)::
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import xarray as xr
 from numpy.testing import assert_allclose
 
 from ensemble.data import load_default

@@ -10,7 +10,7 @@ from numpy.testing import assert_allclose
 
 from ensemble.cli import main
 from ensemble.data import load_default
-from ensemble.fit import FitConfig, Splits, accumulate_gram, fit_species, fit_store, load_fit_config
+from ensemble.fit import FitConfig, Splits, fit_store, load_fit_config
 from ensemble.invariants import EXPONENTIAL, GAUSSIAN, POWER, WeightSet
 from ensemble.io.store import create_store, write_frames
 from ensemble.model import load_model
@@ -76,3 +76,14 @@ def test_cli_fit_writes_model_table_and_figure(small_store, tmp_path, capsys):
     assert (tmp_path / "m-selection.png").stat().st_size > 5000
     assert main(["fit", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "x.json")]) == 2
     assert "no such store" in capsys.readouterr().err
+
+
+def test_cli_fit_on_an_existing_scheduler(small_store, tmp_path, capsys):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cl:
+        out = tmp_path / "s.json"
+        assert main(["fit", str(small_store), "--scheduler", cl.scheduler_address, "--keep", "16",
+                     "--chunk-frames", "30", "--out", str(out)]) == 0
+        assert load_model(out).kind == "agent"
+    assert "kept for O" in capsys.readouterr().out

@@ -24,7 +24,7 @@ backward elimination of weight functions work on submatrices of it only.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gram import SPLITS, Splits, accumulate_gram, backward_elimination, fit_joint, fit_species, n_columns
+from .gram import SPLITS, Splits, accumulate_gram, backward_elimination, fit_joint, fit_species
 from ..invariants import WeightSet, paper_weights
 from ..io.store import open_trajectory
 from ..model import Model, coefficients_from_columns
@@ -100,7 +100,7 @@ def _model_from_agent(cfg, gram, fits, chosen_idx, masses, provenance, metrics) 
     union = sorted(set().union(*chosen_idx.values()))
     ws = cfg.weights.subset(union)
     n_sp, m = len(gram.species), len(cfg.weights)
-    p_full, p = n_sp * m, n_sp * len(union)
+    p_full = n_sp * m
     feat = np.array([a * m + w for a in range(n_sp) for w in union])
     a_out, b_out = [], []
     for s, name in enumerate(gram.species):
@@ -138,7 +138,6 @@ def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport
     gram_s = time.perf_counter() - t0
     progress(f"Gram reduction: {ds.sizes['frame']} frames in {gram_s:.1f} s "
              f"({ds.sizes['frame'] / gram_s:.1f} frames/s); columns per species block {gram.block}")
-    codes = {str(s) for s in ds["species"].values}
     masses = tuple(float(ds["masses"].values[[str(x) for x in ds["species"].values].index(s)]) for s in gram.species)
     table: dict = {"linear": {}, "quadratic": {}}
     curves: dict = {}

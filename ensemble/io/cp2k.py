@@ -17,7 +17,6 @@ multi-GB file never has to fit in memory:
 from __future__ import annotations
 
 import hashlib
-import json
 import time as _time
 from dataclasses import dataclass, field
 from functools import reduce
