@@ -164,6 +164,49 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from .md import initial_state, simulate
+    from .model import load_model
+
+    model = load_model(args.model)
+    try:
+        init = initial_state(args.init, temperature_K=args.init_temperature_K if args.seed is not None else None,
+                             seed=args.seed, tile_n=args.tile)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    temperature_K = None if args.nve else args.temperature_K
+    if not args.nve and temperature_K is None:
+        raise UsageError("give --temperature-K for NVT (Nose-Hoover chain) or --nve")
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def progress(step, total, elapsed):
+        if elapsed - last[0] < (0.5 if tty else 15.0) and step < total:
+            return
+        last[0] = elapsed
+        rate = step_rate = (step - start[0]) / elapsed if elapsed > 0 else 0.0
+        eta = (total - step) / step_rate if step_rate > 0 else float("inf")
+        msg = f"step {step}/{total}  {rate:.1f} steps/s  {rate * len(init.species):.3g} atom-steps/s  ETA {eta:.0f} s"
+        sys.stderr.write(f"\r{msg}   " if tty else msg + "\n")
+
+    start = [0]
+    try:
+        summary = simulate(model, init, steps=args.steps, dt_fs=args.dt_fs, temperature_K=temperature_K,
+                           stride=args.stride, tau_fs=args.tau_fs, chain_length=args.chain_length,
+                           max_force_ev_per_angstrom=args.max_force, remove_com=not args.keep_com,
+                           checkpoint_every=args.checkpoint_every, out=args.out, resume=args.resume,
+                           overwrite=args.overwrite, progress=progress)
+    except ValueError as exc:       # settings that do not fit the model / store / earlier run
+        raise UsageError(str(exc)) from None
+    if tty:
+        sys.stderr.write("\n")
+    sp = ", ".join(f"{k} {v:.1f} K" for k, v in summary.mean_temperature_species_K.items())
+    print(f"wrote {summary.out}: {summary.steps_done} steps, {summary.frames} frames, {summary.status}")
+    print(f"mean temperature {summary.mean_temperature_K:.1f} K ({sp}); clipped atom-steps "
+          f"{summary.clipped_atom_steps} ({summary.clip_fraction:.2%}); {summary.atom_steps_per_s:.3g} atom-steps/s")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -226,6 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
     s.set_defaults(func=cmd_fit)
 
+    s = sub.add_parser("simulate", help="learning-based MD with a fitted model, streamed to a zarr store")
+    s.add_argument("--model", required=True, help="model JSON from `ensemble fit`")
+    s.add_argument("--init", required=True, help="STORE[:FRAME] to start from (default frame: the last)")
+    s.add_argument("--steps", type=int, required=True)
+    s.add_argument("--dt-fs", type=float, default=0.5)
+    s.add_argument("--temperature-K", type=float, help="Nose-Hoover chain target (NVT)")
+    s.add_argument("--nve", action="store_true", help="no thermostat")
+    s.add_argument("--seed", type=int, help="redraw velocities from Maxwell-Boltzmann with this seed")
+    s.add_argument("--init-temperature-K", type=float, default=300.0, help="temperature of redrawn velocities")
+    s.add_argument("--tile", type=int, default=1, help="repeat the box n x n x n")
+    s.add_argument("--stride", type=int, default=10, help="write a frame every n steps")
+    s.add_argument("--tau-fs", type=float, default=100.0, help="thermostat time constant")
+    s.add_argument("--chain-length", type=int, default=3)
+    s.add_argument("--max-force", type=float, help="clip forces to this magnitude, eV/Å")
+    s.add_argument("--keep-com", action="store_true", help="do not remove the initial centre-of-mass drift")
+    s.add_argument("--checkpoint-every", type=int, default=1000)
+    s.add_argument("--out", required=True)
+    s.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+
     s = sub.add_parser("demo", help="ingest the embedded CP2K data and summarise it")
     s.add_argument("--out", default="ensemble-demo", help="output directory (default ./ensemble-demo)")
     s.set_defaults(func=cmd_demo)
@@ -248,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from .io.cp2k import IngestError
     from .io.cp2k_input import InputError
     from .io.store import StoreError
+    from .md.simulate import SimulationError
     from .model import ModelError
     from .reference import ConfigError, Cp2kFailed, Cp2kNotFound
 
@@ -258,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SimulationError as exc:
+        print(f"error: {exc} (frames written before it are kept)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt as exc:
         print(f"\ninterrupted. {exc}", file=sys.stderr)
         return 130

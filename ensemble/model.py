@@ -145,6 +145,33 @@ class Model:
             total += float(np.sum(ph @ self.A[s]) + 0.5 * np.einsum("kj,jl,kl->", ph, self.B[s], ph))
         return total
 
+    def force_fn(self, box, species):
+        """A force function for MD: positions (N, 3) -> (forces eV/Å, energy eV).
+
+        The energy is E = sum_k H_{s_k}(phi_k): the conservative kind's potential; for the agent
+        kind the summed losses (reported, but not conserved: agent forces are not -grad E).
+        """
+        codes, cutoff, width, kinds, params = self._setup(species, box)
+        bx = np.asarray(box, float)
+        n_sp = len(self.species)
+        agent = self.kind == "agent"
+
+        def fn(positions):
+            pos = np.ascontiguousarray(positions, dtype=float)
+            phi, grad = invariants_frame(pos, bx, codes, n_sp, kinds, params, cutoff, width)
+            n = len(codes)
+            phi = phi.reshape(n, -1)
+            dh = self.dh_dphi(phi, codes)
+            energy = 0.0
+            for s in range(n_sp):
+                at = codes == s
+                energy += float(np.sum(phi[at] @ self.A[s]) + 0.5 * np.sum((phi[at] @ self.B[s]) * phi[at]))
+            if agent:
+                return -np.einsum("kj,kjc->kc", dh, grad.reshape(n, phi.shape[1], 3)), energy
+            return conservative_forces(pos, bx, codes, n_sp, kinds, params, cutoff, width, dh), energy
+
+        return fn
+
     def forces(self, positions, box, species) -> np.ndarray:
         """Forces (eV/Å): -grad E (conservative) or -grad_k H_{s_k} with others fixed (agent)."""
         codes, cutoff, width, kinds, params = self._setup(species, box)

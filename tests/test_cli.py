@@ -38,3 +38,28 @@ def test_demo_runs_from_the_installed_entry_point(tmp_path):
     assert "384 (H 256, O 128)" in done.stdout
     assert "frames        1001" in done.stdout
     assert (tmp_path / "demo" / "reference.zarr").is_dir()
+
+
+def test_simulate_command_and_its_errors(tmp_path, capsys):
+    import numpy as np
+
+    from ensemble.data import write_default_store
+    from ensemble.invariants import WeightSet
+    from ensemble.model import Model
+
+    write_default_store(tmp_path / "ref.zarr")
+    ws = WeightSet((0, 1), (1.0, 2.0))
+    Model(kind="conservative", species=("H", "O"), masses=(1.00794, 15.9994), weights=ws,
+          A=(np.zeros(4), np.zeros(4)), B=(np.eye(4) * 1e-3, np.eye(4) * 1e-3), cutoff_angstrom=6.0
+          ).save(tmp_path / "m.json")
+    args = ["simulate", "--model", str(tmp_path / "m.json"), "--init", f"{tmp_path / 'ref.zarr'}:100",
+            "--steps", "6", "--stride", "3", "--temperature-K", "300", "--out", str(tmp_path / "sim.zarr")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "6 steps, 3 frames, complete" in out and "atom-steps/s" in out
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    bad = list(args)
+    bad[bad.index("--init") + 1] = f"{tmp_path / 'ref.zarr'}:5000"
+    assert main(bad[:-1] + [str(tmp_path / "other.zarr")]) == 2
+    assert "outside the store's 1001 frames" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K, EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
+from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K, EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["MDState", "ChainState", "kinetic_energy", "temperature", "clip_forces", "remove_com_velocity",
            "maxwell_boltzmann", "velocity_verlet", "nose_hoover_chain", "nhc_invariant",
