@@ -212,6 +212,8 @@ def cmd_bench(args) -> int:
 
     if args.what == "ingest":
         bench.bench_ingest(size_mb=args.size_mb, workdir=args.workdir)
+    elif args.what == "md":
+        bench.bench_md(steps=args.steps, model_path=args.model, cutoff_angstrom=args.cutoff)
     else:
         bench.bench_gram(frames=args.frames, long_factor=args.long_factor, workdir=args.workdir)
     return 0
@@ -304,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", type=int, help="frames of the embedded data to use (default all)")
     b.add_argument("--long-factor", type=int, default=10, help="length of the long store, in default stores")
     b.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("md", help="MD steps/s and atom-steps/s, 128 and 1024 H2O, both modes; vs CP2K FIST")
+    b.add_argument("--steps", type=int, default=100)
+    b.add_argument("--model", help="a fitted model JSON (default: random coefficients, 7 weights)")
+    b.add_argument("--cutoff", type=float, default=5.0, help="cutoff for the cutoff-mode runs, Å")
     b.set_defaults(func=cmd_bench)
     return p
 

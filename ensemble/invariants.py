@@ -165,27 +165,44 @@ def _all_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad):
 
 
 @njit(cache=True)
-def _cell_list_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad):
+def build_cells(pos, box, cutoff):
+    """Linked cell list with cells of edge >= cutoff: (head, next, cell of each atom, cells per edge)."""
     n = pos.shape[0]
     nc = np.empty(3, np.int64)
     for d in range(3):
         nc[d] = max(int(box[d] // cutoff), 1)
-    ncell = nc[0] * nc[1] * nc[2]
-    head = -np.ones(ncell, np.int64)
+    head = -np.ones(nc[0] * nc[1] * nc[2], np.int64)
     nxt = -np.ones(n, np.int64)
     cell_of = np.empty((n, 3), np.int64)
     for k in range(n):
-        c = np.empty(3, np.int64)
         for d in range(3):
             f = pos[k, d] / box[d]
             f -= np.floor(f)
-            c[d] = min(int(f * nc[d]), nc[d] - 1)
-        cell_of[k, 0] = c[0]
-        cell_of[k, 1] = c[1]
-        cell_of[k, 2] = c[2]
-        idx = (c[0] * nc[1] + c[1]) * nc[2] + c[2]
+            cell_of[k, d] = min(int(f * nc[d]), nc[d] - 1)
+        idx = (cell_of[k, 0] * nc[1] + cell_of[k, 1]) * nc[2] + cell_of[k, 2]
         nxt[k] = head[idx]
         head[idx] = k
+    return head, nxt, cell_of, nc
+
+
+@njit(cache=True)
+def neighbour_pairs(pos, box, cutoff):
+    """Every unordered pair (k < i) that may lie within ``cutoff`` (cell lists when there are >= 3
+    cells per edge, else all pairs): int64 (n_pairs, 2). Distances are checked by the caller."""
+    n = pos.shape[0]
+    if cutoff <= 0.0 or box[0] < 3 * cutoff or box[1] < 3 * cutoff or box[2] < 3 * cutoff:
+        out = np.empty((n * (n - 1) // 2, 2), np.int64)
+        c = 0
+        for k in range(n):
+            for i in range(k + 1, n):
+                out[c, 0] = k
+                out[c, 1] = i
+                c += 1
+        return out
+    head, nxt, cell_of, nc = build_cells(pos, box, cutoff)
+    cap = 64
+    out = np.empty((cap, 2), np.int64)
+    c = 0
     for k in range(n):
         for ox in range(-1, 2):
             for oy in range(-1, 2):
@@ -196,8 +213,16 @@ def _cell_list_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad)
                     i = head[(cx * nc[1] + cy) * nc[2] + cz]
                     while i >= 0:
                         if i > k:     # each pair once (>= 3 cells per edge: 27 distinct cells)
-                            _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad)
+                            if c == cap:
+                                bigger = np.empty((2 * cap, 2), np.int64)
+                                bigger[:cap] = out
+                                out = bigger
+                                cap *= 2
+                            out[c, 0] = k
+                            out[c, 1] = i
+                            c += 1
                         i = nxt[i]
+    return out[:c]
 
 
 @njit(cache=True)
@@ -224,10 +249,55 @@ def invariants_frame(pos, box, species, n_species, kinds, params, cutoff, width)
     grad = np.zeros((n, n_species, m, 3))
     # cell lists pay off with >= 3 cells per edge; otherwise every image pair is checked
     if cutoff > 0.0 and box[0] >= 3 * cutoff and box[1] >= 3 * cutoff and box[2] >= 3 * cutoff:
-        _cell_list_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad)
+        pairs = neighbour_pairs(pos, box, cutoff)
+        for q in range(pairs.shape[0]):
+            _pair(pairs[q, 0], pairs[q, 1], pos, box, species, kinds, params, cutoff, width, phi, grad)
     else:
         _all_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad)
     return phi, grad
+
+
+@njit(cache=True)
+def invariants_from_pairs(pos, box, species, n_species, kinds, params, cutoff, width, pairs):
+    """:func:`invariants_frame` over a given candidate pair list (k < i; e.g. a Verlet list
+    containing every pair within the cutoff). Pairs beyond the cutoff contribute nothing."""
+    n = pos.shape[0]
+    m = kinds.shape[0]
+    phi = np.zeros((n, n_species, m))
+    grad = np.zeros((n, n_species, m, 3))
+    for q in range(pairs.shape[0]):
+        _pair(pairs[q, 0], pairs[q, 1], pos, box, species, kinds, params, cutoff, width, phi, grad)
+    return phi, grad
+
+
+class VerletList:
+    """Candidate pairs within ``cutoff + skin``, rebuilt when any atom has moved more than skin / 2
+    since the last build (then every pair within the cutoff is still in the list). Pairs are sorted
+    (k, then i), so sums run in the same order whenever the list was built."""
+
+    def __init__(self, box, cutoff: float, skin: float = 1.0):
+        self.box = np.asarray(box, float)
+        self.cutoff = float(cutoff)
+        self.skin = float(skin) if cutoff + skin <= 0.5 * float(np.min(box)) else max(0.5 * float(np.min(box)) - cutoff, 0.0)
+        self.ref = None
+        self.pairs = None
+        self.builds = 0
+
+    def __call__(self, pos: np.ndarray) -> np.ndarray:
+        if self.ref is not None and self.skin > 0:
+            d = pos - self.ref
+            d -= self.box * np.rint(d / self.box)
+            if float(np.max(np.einsum("ij,ij->i", d, d))) <= (0.5 * self.skin) ** 2:
+                return self.pairs
+        reach = self.cutoff + self.skin
+        cand = neighbour_pairs(pos, self.box, reach)
+        d = pos[cand[:, 0]] - pos[cand[:, 1]]
+        d -= self.box * np.rint(d / self.box)
+        keep = cand[np.einsum("ij,ij->i", d, d) < reach * reach]
+        self.pairs = np.ascontiguousarray(keep[np.lexsort((keep[:, 1], keep[:, 0]))])
+        self.ref = pos.copy()
+        self.builds += 1
+        return self.pairs
 
 
 @njit(cache=True)

@@ -23,7 +23,8 @@ import numpy as np
 from numba import njit
 
 from . import __version__
-from .invariants import WeightSet, _weight, check_cutoff, invariants_frame, species_index
+from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, invariants_from_pairs,
+                         neighbour_pairs, species_index)
 from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Model", "ModelError", "load_model", "conservative_forces"]
@@ -38,49 +39,55 @@ class ModelError(ValueError):
 
 @njit(cache=True)
 def conservative_forces(pos, box, species, n_species, kinds, params, cutoff, width, dh):
+    """Forces (eV/Å) -grad E, pairs from cell lists (cutoff mode) or all pairs (paper mode)."""
+    return conservative_forces_pairs(pos, box, species, n_species, kinds, params, cutoff, width, dh,
+                                     neighbour_pairs(pos, box, cutoff))
+
+
+@njit(cache=True)
+def conservative_forces_pairs(pos, box, species, n_species, kinds, params, cutoff, width, dh, pairs):
     """Forces (eV/Å) -grad E for E = sum_k H_{s_k}(phi_k), given dh[k, f] = dH_{s_k}/dphi_f at phi_k.
 
-    Every pair (k, i) with i of species a contributes through phi[k, (a, m)]: its
-    derivative is +g on atom k and -g on atom i, g = (w fc)'(r) (q_k - q_i) / r.
-    Paper mode (cutoff <= 0) loops over all minimum-image pairs.
+    Pair {k, i} enters phi[k, (s_i, m)] and phi[i, (s_k, m)] with the same weight w_m(r), so its
+    force is -(dh[k, (s_i, m)] + dh[i, (s_k, m)]) (w_m fc)'(r) (q_k - q_i) / r on k, opposite on i.
+    Each pair of the candidate list (k < i) is visited once; pairs beyond the cutoff add nothing.
     """
     n = pos.shape[0]
     m_w = kinds.shape[0]
     f = np.zeros((n, 3))
-    rc2 = cutoff * cutoff
-    for k in range(n):
-        for i in range(n):
-            if i == k:
-                continue
-            dx = pos[k, 0] - pos[i, 0]
-            dy = pos[k, 1] - pos[i, 1]
-            dz = pos[k, 2] - pos[i, 2]
-            dx -= box[0] * np.rint(dx / box[0])
-            dy -= box[1] * np.rint(dy / box[1])
-            dz -= box[2] * np.rint(dz / box[2])
-            r2 = dx * dx + dy * dy + dz * dz
-            if cutoff > 0.0 and r2 >= rc2:
-                continue
-            r = np.sqrt(r2)
-            fc = 1.0
-            dfc = 0.0
-            if cutoff > 0.0:
-                x = (r - (cutoff - width)) / width
-                if x > 0.0:
-                    fc = 1.0 - x * x * (3.0 - 2.0 * x)
-                    dfc = -6.0 * x * (1.0 - x) / width
-            a = species[i]
-            s = 0.0
-            for mm in range(m_w):
-                w, dw = _weight(kinds[mm], params[mm], r)
-                s += dh[k, a * m_w + mm] * (dw * fc + w * dfc)
-            s /= r
-            f[k, 0] -= s * dx
-            f[k, 1] -= s * dy
-            f[k, 2] -= s * dz
-            f[i, 0] += s * dx
-            f[i, 1] += s * dy
-            f[i, 2] += s * dz
+    for q in range(pairs.shape[0]):
+        k = pairs[q, 0]
+        i = pairs[q, 1]
+        dx = pos[k, 0] - pos[i, 0]
+        dy = pos[k, 1] - pos[i, 1]
+        dz = pos[k, 2] - pos[i, 2]
+        dx -= box[0] * np.rint(dx / box[0])
+        dy -= box[1] * np.rint(dy / box[1])
+        dz -= box[2] * np.rint(dz / box[2])
+        r2 = dx * dx + dy * dy + dz * dz
+        if cutoff > 0.0 and r2 >= cutoff * cutoff:
+            continue
+        r = np.sqrt(r2)
+        fc = 1.0
+        dfc = 0.0
+        if cutoff > 0.0:
+            x = (r - (cutoff - width)) / width
+            if x > 0.0:
+                fc = 1.0 - x * x * (3.0 - 2.0 * x)
+                dfc = -6.0 * x * (1.0 - x) / width
+        ak = species[i] * m_w
+        ai = species[k] * m_w
+        s = 0.0
+        for mm in range(m_w):
+            w, dw = _weight(kinds[mm], params[mm], r)
+            s += (dh[k, ak + mm] + dh[i, ai + mm]) * (dw * fc + w * dfc)
+        s /= r
+        f[k, 0] -= s * dx
+        f[k, 1] -= s * dy
+        f[k, 2] -= s * dz
+        f[i, 0] += s * dx
+        f[i, 1] += s * dy
+        f[i, 2] += s * dz
     return f
 
 
@@ -145,20 +152,26 @@ class Model:
             total += float(np.sum(ph @ self.A[s]) + 0.5 * np.einsum("kj,jl,kl->", ph, self.B[s], ph))
         return total
 
-    def force_fn(self, box, species):
+    def force_fn(self, box, species, skin_angstrom: float = 1.0):
         """A force function for MD: positions (N, 3) -> (forces eV/Å, energy eV).
 
         The energy is E = sum_k H_{s_k}(phi_k): the conservative kind's potential; for the agent
         kind the summed losses (reported, but not conserved: agent forces are not -grad E).
+        In cutoff mode pairs come from a Verlet list (cutoff + ``skin_angstrom``); results do not
+        depend on when it was rebuilt.
         """
         codes, cutoff, width, kinds, params = self._setup(species, box)
         bx = np.asarray(box, float)
         n_sp = len(self.species)
         agent = self.kind == "agent"
+        n_all = len(codes)
+        verlet = VerletList(bx, cutoff, skin_angstrom) if cutoff > 0 else None
+        all_pairs = None if verlet is not None else neighbour_pairs(np.zeros((n_all, 3)), bx, -1.0)
 
         def fn(positions):
             pos = np.ascontiguousarray(positions, dtype=float)
-            phi, grad = invariants_frame(pos, bx, codes, n_sp, kinds, params, cutoff, width)
+            pairs = verlet(pos) if verlet is not None else all_pairs
+            phi, grad = invariants_from_pairs(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
             n = len(codes)
             phi = phi.reshape(n, -1)
             dh = self.dh_dphi(phi, codes)
@@ -168,8 +181,9 @@ class Model:
                 energy += float(np.sum(phi[at] @ self.A[s]) + 0.5 * np.sum((phi[at] @ self.B[s]) * phi[at]))
             if agent:
                 return -np.einsum("kj,kjc->kc", dh, grad.reshape(n, phi.shape[1], 3)), energy
-            return conservative_forces(pos, bx, codes, n_sp, kinds, params, cutoff, width, dh), energy
+            return conservative_forces_pairs(pos, bx, codes, n_sp, kinds, params, cutoff, width, dh, pairs), energy
 
+        fn.neighbours = verlet
         return fn
 
     def forces(self, positions, box, species) -> np.ndarray:
