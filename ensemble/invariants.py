@@ -117,11 +117,11 @@ def _weight(kind, p, r):
 
 
 @njit(cache=True)
-def _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad):
-    """Add pair (k, i) to both atoms' invariants and self-gradients (nothing beyond the cutoff).
+def pair_geometry(k, i, pos, box, cutoff, width):
+    """Minimum-image separation q_k - q_i and the smooth cutoff of pair (k, i).
 
-    Each weight function is evaluated once per pair: phi[k, s_i] and phi[i, s_k] get the
-    same value, the self-gradients opposite vectors.
+    Returns (inside, dx, dy, dz, r, fc, dfc): ``inside`` is False beyond the cutoff (paper mode,
+    cutoff <= 0: always True, fc = 1); fc(r) and dfc = dfc/dr as in the module docstring.
     """
     dx = pos[k, 0] - pos[i, 0]
     dy = pos[k, 1] - pos[i, 1]
@@ -129,17 +129,29 @@ def _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad):
     dx -= box[0] * np.rint(dx / box[0])
     dy -= box[1] * np.rint(dy / box[1])
     dz -= box[2] * np.rint(dz / box[2])
-    r2 = dx * dx + dy * dy + dz * dz
+    r = np.sqrt(dx * dx + dy * dy + dz * dz)
     fc = 1.0
     dfc = 0.0
-    r = np.sqrt(r2)
     if cutoff > 0.0:
         if r >= cutoff:
-            return
+            return False, dx, dy, dz, r, 0.0, 0.0
         x = (r - (cutoff - width)) / width
         if x > 0.0:
             fc = 1.0 - x * x * (3.0 - 2.0 * x)
             dfc = -6.0 * x * (1.0 - x) / width
+    return True, dx, dy, dz, r, fc, dfc
+
+
+@njit(cache=True)
+def _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad):
+    """Add pair (k, i) to both atoms' invariants and self-gradients (nothing beyond the cutoff).
+
+    Each weight function is evaluated once per pair: phi[k, s_i] and phi[i, s_k] get the
+    same value, the self-gradients opposite vectors.
+    """
+    inside, dx, dy, dz, r, fc, dfc = pair_geometry(k, i, pos, box, cutoff, width)
+    if not inside:
+        return
     a = species[i]
     b = species[k]
     for m in range(kinds.shape[0]):

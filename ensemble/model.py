@@ -24,7 +24,7 @@ from numba import njit
 
 from . import __version__
 from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, invariants_from_pairs,
-                         neighbour_pairs, species_index)
+                         neighbour_pairs, pair_geometry, species_index)
 from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Model", "ModelError", "load_model", "conservative_forces"]
@@ -58,23 +58,9 @@ def conservative_forces_pairs(pos, box, species, n_species, kinds, params, cutof
     for q in range(pairs.shape[0]):
         k = pairs[q, 0]
         i = pairs[q, 1]
-        dx = pos[k, 0] - pos[i, 0]
-        dy = pos[k, 1] - pos[i, 1]
-        dz = pos[k, 2] - pos[i, 2]
-        dx -= box[0] * np.rint(dx / box[0])
-        dy -= box[1] * np.rint(dy / box[1])
-        dz -= box[2] * np.rint(dz / box[2])
-        r2 = dx * dx + dy * dy + dz * dz
-        if cutoff > 0.0 and r2 >= cutoff * cutoff:
+        inside, dx, dy, dz, r, fc, dfc = pair_geometry(k, i, pos, box, cutoff, width)
+        if not inside:
             continue
-        r = np.sqrt(r2)
-        fc = 1.0
-        dfc = 0.0
-        if cutoff > 0.0:
-            x = (r - (cutoff - width)) / width
-            if x > 0.0:
-                fc = 1.0 - x * x * (3.0 - 2.0 * x)
-                dfc = -6.0 * x * (1.0 - x) / width
         ak = species[i] * m_w
         ai = species[k] * m_w
         s = 0.0

@@ -158,7 +158,7 @@ def test_different_strides_keep_the_intersection_and_say_so(fist_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- failures
-def _expect_failure(run: Path, tmp_path: Path, match: str, **kw):
+def assert_ingest_fails(run: Path, tmp_path: Path, match: str, **kw):
     out = tmp_path / "bad.zarr"
     with pytest.raises(IngestError, match=match):
         ingest_cp2k(run, out, **kw)
@@ -170,7 +170,7 @@ def test_truncated_file_names_file_and_line(dft_run, tmp_path):
     p = dft_run / "H2O-32-pos-1.xyz"
     lines = p.read_text().splitlines(keepends=True)
     p.write_text("".join(lines[: 3 * 98 + 40]))             # frame 3 stops after 38 atoms
-    _expect_failure(dft_run, tmp_path, r"H2O-32-pos-1.xyz:\d+: file ends inside frame 3 .*expected 96 atom "
+    assert_ingest_fails(dft_run, tmp_path, r"H2O-32-pos-1.xyz:\d+: file ends inside frame 3 .*expected 96 atom "
                                        r"lines, found 38")
 
 
@@ -180,7 +180,7 @@ def test_nan_names_file_line_and_atom(dft_run, tmp_path):
     parts = lines[98 + 2 + 10].split()
     lines[98 + 2 + 10] = f"  {parts[0]}  NaN  {parts[2]}  {parts[3]}\n"
     p.write_text("".join(lines))
-    _expect_failure(dft_run, tmp_path, r"H2O-32-frc-1.xyz:111: frame 1 \(step 2\), atom 11 has a non-finite")
+    assert_ingest_fails(dft_run, tmp_path, r"H2O-32-frc-1.xyz:111: frame 1 \(step 2\), atom 11 has a non-finite")
 
 
 def test_garbage_number_is_reported(dft_run, tmp_path):
@@ -188,7 +188,7 @@ def test_garbage_number_is_reported(dft_run, tmp_path):
     text = p.read_text().splitlines(keepends=True)
     text[4] = text[4].replace(".", "x", 1)
     p.write_text("".join(text))
-    _expect_failure(dft_run, tmp_path, r"H2O-32-vel-1.xyz:5: frame 0 \(step 1\), atom 3 has a field that is not a number")
+    assert_ingest_fails(dft_run, tmp_path, r"H2O-32-vel-1.xyz:5: frame 0 \(step 1\), atom 3 has a field that is not a number")
 
 
 def test_mismatched_atom_count(dft_run, tmp_path):
@@ -199,7 +199,7 @@ def test_mismatched_atom_count(dft_run, tmp_path):
         frame = lines[f * 98:(f + 1) * 98]
         out += ["      95\n", frame[1]] + frame[2:97]
     p.write_text("".join(out))
-    _expect_failure(dft_run, tmp_path, r"H2O-32-vel-1.xyz:1: 95 atoms, but H2O-32-pos-1.xyz has 96")
+    assert_ingest_fails(dft_run, tmp_path, r"H2O-32-vel-1.xyz:1: 95 atoms, but H2O-32-pos-1.xyz has 96")
 
 
 def test_species_order_mismatch(dft_run, tmp_path):
@@ -209,7 +209,7 @@ def test_species_order_mismatch(dft_run, tmp_path):
         i = f * 98 + 2
         lines[i] = lines[i].replace(" O ", " H ", 1)
     p.write_text("".join(lines))
-    _expect_failure(dft_run, tmp_path, r"H2O-32-frc-1.xyz:3: atom 1 is 'H' but 'O' in H2O-32-pos-1.xyz")
+    assert_ingest_fails(dft_run, tmp_path, r"H2O-32-frc-1.xyz:3: atom 1 is 'H' but 'O' in H2O-32-pos-1.xyz")
 
 
 def test_species_change_inside_a_file(dft_run, tmp_path):
@@ -217,24 +217,24 @@ def test_species_change_inside_a_file(dft_run, tmp_path):
     lines = p.read_text().splitlines(keepends=True)
     lines[2 * 98 + 2 + 50] = lines[2 * 98 + 2 + 50].replace(" H ", " O ", 1)
     p.write_text("".join(lines))
-    _expect_failure(dft_run, tmp_path, r"pos-1.xyz:249: frame 2 \(step 3\), atom 51 has a different species "
+    assert_ingest_fails(dft_run, tmp_path, r"pos-1.xyz:249: frame 2 \(step 3\), atom 51 has a different species "
                                        r"than the first frame.*expected species 'H'")
 
 
 def test_missing_velocity_file(dft_run, tmp_path):
     (dft_run / "H2O-32-vel-1.xyz").unlink()
-    _expect_failure(dft_run, tmp_path, r"H2O-32-vel-1.xyz: missing CP2K velocities file")
+    assert_ingest_fails(dft_run, tmp_path, r"H2O-32-vel-1.xyz: missing CP2K velocities file")
 
 
 def test_missing_cell_asks_for_it(dft_run, tmp_path):
     (dft_run / "H2O-32-dft.inp").unlink()
-    _expect_failure(dft_run, tmp_path, r"no cell found .*--cell")
+    assert_ingest_fails(dft_run, tmp_path, r"no cell found .*--cell")
     ingest_cp2k(dft_run, tmp_path / "ok.zarr", cell=[9.8528] * 3)
     assert open_trajectory(tmp_path / "ok.zarr")["cell"].attrs["units"] == "angstrom"
 
 
 def test_wrong_masses_fail_the_kinetic_energy_check(dft_run, tmp_path):
-    _expect_failure(dft_run, tmp_path, r"kinetic energy of step 1 .* differs from H2O-32-1.ener",
+    assert_ingest_fails(dft_run, tmp_path, r"kinetic energy of step 1 .* differs from H2O-32-1.ener",
                     masses={"H": 2.014})
 
 
@@ -242,7 +242,7 @@ def test_restart_overlap_duplicate_steps(dft_run, tmp_path):
     p = dft_run / "H2O-32-pos-1.xyz"
     lines = p.read_text().splitlines(keepends=True)
     p.write_text("".join(lines + lines[3 * 98:4 * 98]))       # step 4 again after step 5
-    _expect_failure(dft_run, tmp_path, r"pos-1.xyz:492: step i = 4 \(frame 5\) does not follow step 5")
+    assert_ingest_fails(dft_run, tmp_path, r"pos-1.xyz:492: step i = 4 \(frame 5\) does not follow step 5")
 
 
 def test_time_mismatch_between_files(dft_run, tmp_path):
@@ -250,7 +250,7 @@ def test_time_mismatch_between_files(dft_run, tmp_path):
     lines = p.read_text().splitlines(keepends=True)
     lines[2] = lines[2].replace("1.000000", "1.250000")
     p.write_text("".join(lines))
-    _expect_failure(dft_run, tmp_path, r"H2O-32-1.ener: step 2 is at 1.25 fs but at 1.0 fs")
+    assert_ingest_fails(dft_run, tmp_path, r"H2O-32-1.ener: step 2 is at 1.25 fs but at 1.0 fs")
 
 
 def test_existing_output_is_kept_on_failure_and_needs_overwrite(dft_run, tmp_path):

@@ -11,7 +11,7 @@ from ensemble.data import load_default
 from ensemble.fit import FitConfig, Splits, fit_store
 from ensemble.invariants import EXPONENTIAL, GAUSSIAN, POWER, WeightSet, invariants_frame, species_index
 from ensemble.io.store import create_store, open_trajectory, write_frames
-from ensemble.md import InitialState, SimulationError, initial_state, simulate, tile
+from ensemble.md import SimulationError, initial_state, simulate, tile
 from ensemble.model import Model
 
 WS = WeightSet((EXPONENTIAL, EXPONENTIAL, GAUSSIAN, GAUSSIAN, POWER), (1.0, 0.5, 1.0, 2.0, 2.0))

@@ -32,7 +32,8 @@ import xarray as xr
 
 from numba import njit
 
-from ..invariants import WeightSet, _weight, check_cutoff, invariants_frames, orthorhombic_box, species_index
+from ..invariants import (WeightSet, _weight, check_cutoff, invariants_frames, orthorhombic_box, pair_geometry,
+                          species_index)
 from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Splits", "GramSet", "SpeciesFit", "JointFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
@@ -145,30 +146,15 @@ def conservative_design(pos, box, species, n_species, kinds, params, cutoff, wid
     p = n_species * m_w
     c = p + (p * (p + 1) // 2 if quadratic else 0)
     out = np.zeros((n * 3, n_species * c))
-    rc2 = cutoff * cutoff
     gv = np.empty(3)
     for k in range(n):
         base = species[k] * c
         for i in range(n):
             if i == k:
                 continue
-            dx = pos[k, 0] - pos[i, 0]
-            dy = pos[k, 1] - pos[i, 1]
-            dz = pos[k, 2] - pos[i, 2]
-            dx -= box[0] * np.rint(dx / box[0])
-            dy -= box[1] * np.rint(dy / box[1])
-            dz -= box[2] * np.rint(dz / box[2])
-            r2 = dx * dx + dy * dy + dz * dz
-            if cutoff > 0.0 and r2 >= rc2:
+            inside, dx, dy, dz, r, fc, dfc = pair_geometry(k, i, pos, box, cutoff, width)
+            if not inside:
                 continue
-            r = np.sqrt(r2)
-            fc = 1.0
-            dfc = 0.0
-            if cutoff > 0.0:
-                x = (r - (cutoff - width)) / width
-                if x > 0.0:
-                    fc = 1.0 - x * x * (3.0 - 2.0 * x)
-                    dfc = -6.0 * x * (1.0 - x) / width
             a = species[i]
             for mm in range(m_w):
                 w, dw = _weight(kinds[mm], params[mm], r)
@@ -201,23 +187,9 @@ def pair_gradients(pos, box, kinds, params, cutoff, width):
     out = np.zeros((n, n, m_w, 3))
     for k in range(n):
         for i in range(k + 1, n):
-            dx = pos[k, 0] - pos[i, 0]
-            dy = pos[k, 1] - pos[i, 1]
-            dz = pos[k, 2] - pos[i, 2]
-            dx -= box[0] * np.rint(dx / box[0])
-            dy -= box[1] * np.rint(dy / box[1])
-            dz -= box[2] * np.rint(dz / box[2])
-            r2 = dx * dx + dy * dy + dz * dz
-            if cutoff > 0.0 and r2 >= cutoff * cutoff:
+            inside, dx, dy, dz, r, fc, dfc = pair_geometry(k, i, pos, box, cutoff, width)
+            if not inside:
                 continue
-            r = np.sqrt(r2)
-            fc = 1.0
-            dfc = 0.0
-            if cutoff > 0.0:
-                x = (r - (cutoff - width)) / width
-                if x > 0.0:
-                    fc = 1.0 - x * x * (3.0 - 2.0 * x)
-                    dfc = -6.0 * x * (1.0 - x) / width
             for mm in range(m_w):
                 w, dw = _weight(kinds[mm], params[mm], r)
                 g = (dw * fc + w * dfc) / r
