@@ -269,19 +269,6 @@ def invariants_frame(pos, box, species, n_species, kinds, params, cutoff, width)
     return phi, grad
 
 
-@njit(cache=True)
-def invariants_from_pairs(pos, box, species, n_species, kinds, params, cutoff, width, pairs):
-    """:func:`invariants_frame` over a given candidate pair list (k < i; e.g. a Verlet list
-    containing every pair within the cutoff). Pairs beyond the cutoff contribute nothing."""
-    n = pos.shape[0]
-    m = kinds.shape[0]
-    phi = np.zeros((n, n_species, m))
-    grad = np.zeros((n, n_species, m, 3))
-    for q in range(pairs.shape[0]):
-        _pair(pairs[q, 0], pairs[q, 1], pos, box, species, kinds, params, cutoff, width, phi, grad)
-    return phi, grad
-
-
 class VerletList:
     """Candidate pairs within ``cutoff + skin``, rebuilt when any atom has moved more than skin / 2
     since the last build (then every pair within the cutoff is still in the list). Pairs are sorted

@@ -23,8 +23,7 @@ import numpy as np
 from numba import njit
 
 from . import __version__
-from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, invariants_from_pairs,
-                         neighbour_pairs, pair_geometry, species_index)
+from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, neighbour_pairs, pair_geometry, species_index)
 from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Model", "ModelError", "load_model", "conservative_forces"]
@@ -74,6 +73,62 @@ def conservative_forces_pairs(pos, box, species, n_species, kinds, params, cutof
         f[i, 0] += s * dx
         f[i, 1] += s * dy
         f[i, 2] += s * dz
+    return f
+
+
+@njit(cache=True)
+def pair_terms(pos, box, species, n_species, kinds, params, cutoff, width, pairs):
+    """One pass over candidate pairs (k < i): invariants phi (N, S*M) and, per pair, the separation
+    d = q_k - q_i (3,) and g_m = (w_m fc)'(r) / r (M,) (zero beyond the cutoff), from which the
+    forces of either kind follow without evaluating any weight function again."""
+    n = pos.shape[0]
+    m_w = kinds.shape[0]
+    phi = np.zeros((n, n_species * m_w))
+    g = np.zeros((pairs.shape[0], m_w))
+    d = np.zeros((pairs.shape[0], 3))
+    for q in range(pairs.shape[0]):
+        k = pairs[q, 0]
+        i = pairs[q, 1]
+        inside, dx, dy, dz, r, fc, dfc = pair_geometry(k, i, pos, box, cutoff, width)
+        if not inside:
+            continue
+        d[q, 0] = dx
+        d[q, 1] = dy
+        d[q, 2] = dz
+        ak = species[i] * m_w
+        ai = species[k] * m_w
+        for mm in range(m_w):
+            w, dw = _weight(kinds[mm], params[mm], r)
+            phi[k, ak + mm] += w * fc
+            phi[i, ai + mm] += w * fc
+            g[q, mm] = (dw * fc + w * dfc) / r
+    return phi, g, d
+
+
+@njit(cache=True)
+def forces_from_pair_terms(pairs, species, m_w, dh, g, d, conservative):
+    """Forces (eV/Å) from :func:`pair_terms` and dh[k, f] = dH_{s_k}/dphi_f.
+
+    Agent: atom k feels only its own loss, -sum_m dh[k, (s_i, m)] g_m d on k and
+    +sum_m dh[i, (s_k, m)] g_m d on i. Conservative: both terms act on both atoms."""
+    n = dh.shape[0]
+    f = np.zeros((n, 3))
+    for q in range(pairs.shape[0]):
+        k = pairs[q, 0]
+        i = pairs[q, 1]
+        ak = species[i] * m_w
+        ai = species[k] * m_w
+        sk = 0.0
+        si = 0.0
+        for mm in range(m_w):
+            sk += dh[k, ak + mm] * g[q, mm]
+            si += dh[i, ai + mm] * g[q, mm]
+        if conservative:
+            sk += si
+            si = sk
+        for c in range(3):
+            f[k, c] -= sk * d[q, c]
+            f[i, c] += si * d[q, c]
     return f
 
 
@@ -152,22 +207,29 @@ class Model:
         agent = self.kind == "agent"
         n_all = len(codes)
         verlet = VerletList(bx, cutoff, skin_angstrom) if cutoff > 0 else None
-        all_pairs = None if verlet is not None else neighbour_pairs(np.zeros((n_all, 3)), bx, -1.0)
+
+        def energy_of(phi):
+            e = 0.0
+            for s in range(n_sp):
+                at = codes == s
+                e += float(np.sum(phi[at] @ self.A[s]) + 0.5 * np.sum((phi[at] @ self.B[s]) * phi[at]))
+            return e
 
         def fn(positions):
             pos = np.ascontiguousarray(positions, dtype=float)
-            pairs = verlet(pos) if verlet is not None else all_pairs
-            phi, grad = invariants_from_pairs(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
-            n = len(codes)
-            phi = phi.reshape(n, -1)
+            if verlet is not None:
+                # cutoff mode: one pass over the Verlet list, per-pair terms reused for the forces
+                pairs = verlet(pos)
+                phi, g, d = pair_terms(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
+                dh = self.dh_dphi(phi, codes)
+                return forces_from_pair_terms(pairs, codes, len(kinds), dh, g, d, not agent), energy_of(phi)
+            # paper mode: all N^2 pairs, without per-pair arrays
+            phi, grad = invariants_frame(pos, bx, codes, n_sp, kinds, params, cutoff, width)
+            phi = phi.reshape(n_all, -1)
             dh = self.dh_dphi(phi, codes)
-            energy = 0.0
-            for s in range(n_sp):
-                at = codes == s
-                energy += float(np.sum(phi[at] @ self.A[s]) + 0.5 * np.sum((phi[at] @ self.B[s]) * phi[at]))
             if agent:
-                return -np.einsum("kj,kjc->kc", dh, grad.reshape(n, phi.shape[1], 3)), energy
-            return conservative_forces_pairs(pos, bx, codes, n_sp, kinds, params, cutoff, width, dh, pairs), energy
+                return -np.einsum("kj,kjc->kc", dh, grad.reshape(n_all, phi.shape[1], 3)), energy_of(phi)
+            return conservative_forces(pos, bx, codes, n_sp, kinds, params, cutoff, width, dh), energy_of(phi)
 
         fn.neighbours = verlet
         return fn

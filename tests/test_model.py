@@ -154,3 +154,16 @@ def test_verlet_list_forces_equal_direct_forces_while_atoms_move(kind):
         assert_allclose(f, model.forces(pos, box, sp), rtol=1e-11, atol=1e-13)
         assert_allclose(e, model.energy(pos, box, sp), rtol=1e-12)
     assert 1 < fn.neighbours.builds < 50
+
+
+@pytest.mark.parametrize("kind", ["agent", "conservative"])
+def test_paper_mode_force_function_equals_direct_forces(frame, kind):
+    model = random_model(kind)
+    box = np.diag(frame["cell"].values)
+    sp = frame["species"].values
+    fn = model.force_fn(box, sp)
+    assert fn.neighbours is None
+    pos = frame["positions"].values[7]
+    f, e = fn(pos)
+    assert_allclose(f, model.forces(pos, box, sp), rtol=1e-12, atol=1e-14)
+    assert_allclose(e, model.energy(pos, box, sp), rtol=1e-12)
