@@ -41,7 +41,7 @@ from .invariants import orthorhombic_box, pair_geometry
 from .units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
 
 __all__ = ["Molecules", "assign_molecules", "oh_bonds", "hoh_angles", "species_temperature", "MERGE", "merge",
-           "AssignmentWarning", "rdf", "species_pairs", "power_spectrum", "spectral_peak", "oh_spectrum", "vdos",
+           "AssignmentWarning", "rdf", "species_pairs", "power_spectrum", "spectral_peak", "peak_position", "oh_spectrum", "vdos",
            "analyze", "write_stats", "open_stats", "block_average", "time_to_failure", "rdf_area",
            "SPEED_OF_LIGHT_CM_PER_FS", "STATS_SCHEMA", "AnalysisError"]
 
@@ -57,6 +57,7 @@ SPEED_OF_LIGHT_CM_PER_FS = 2.99792458e-5   #: c in cm/fs: wavenumber (cm^-1) = f
 #: spectra need frames at least this often: the O-H stretch (~3700 cm^-1) must lie below Nyquist
 SPECTRUM_MAX_WAVENUMBER = 5000.0
 OH_STRETCH_BAND = (2500.0, 4500.0)         #: cm^-1, where the O-H stretch peak is looked for
+STATS_CHUNK_FRAMES = 1024                  #: frames per chunk in a statistics store
 
 
 class AnalysisError(ValueError):
@@ -345,12 +346,12 @@ def power_spectrum(da: xr.DataArray, ds: xr.Dataset, window_frames: int, pad: in
     return out
 
 
-def spectral_peak(spectrum: xr.DataArray, band: tuple[float, float] = OH_STRETCH_BAND) -> xr.DataArray:
-    """Wavenumber (cm^-1) of the highest point of ``spectrum`` within ``band``, refined by a parabola
-    through the maximum and its neighbours; reduces the ``wavenumber`` dimension."""
-    sel = spectrum.sel(wavenumber=slice(*band))
-    if sel.sizes["wavenumber"] < 3:
-        raise AnalysisError(f"band {band} cm^-1 holds {sel.sizes['wavenumber']} frequency bins; need >= 3")
+def peak_position(da: xr.DataArray, dim: str, band: tuple[float, float] | None = None) -> xr.DataArray:
+    """Coordinate of the highest point of ``da`` along ``dim`` (within ``band``), refined by a
+    parabola through the maximum and its neighbours; reduces ``dim``."""
+    sel = da.sel({dim: slice(*band)}) if band is not None else da
+    if sel.sizes[dim] < 3:
+        raise AnalysisError(f"{dim} range {band} holds {sel.sizes[dim]} bins; need >= 3")
 
     def peak(y, k):
         i = np.clip(np.argmax(y, axis=-1), 1, y.shape[-1] - 2)
@@ -359,8 +360,15 @@ def spectral_peak(spectrum: xr.DataArray, band: tuple[float, float] = OH_STRETCH
         shift = np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1.0), 0.0)
         return np.interp(i + np.clip(shift, -0.5, 0.5), np.arange(k.size), k)
 
-    out = xr.apply_ufunc(peak, sel, kwargs={"k": sel["wavenumber"].values}, input_core_dims=[["wavenumber"]],
+    out = xr.apply_ufunc(peak, sel, kwargs={"k": sel[dim].values}, input_core_dims=[[dim]],
                          dask="parallelized", output_dtypes=[float])
+    out.attrs = {"units": da[dim].attrs.get("units", "")}
+    return out
+
+
+def spectral_peak(spectrum: xr.DataArray, band: tuple[float, float] = OH_STRETCH_BAND) -> xr.DataArray:
+    """Wavenumber (cm^-1) of the highest point of ``spectrum`` within ``band`` (default: O-H stretch)."""
+    out = peak_position(spectrum, "wavenumber", band)
     out.attrs = {"units": "cm^-1", "band_cm^-1": list(band)}
     return out
 
@@ -422,12 +430,12 @@ def analyze(ds: xr.Dataset, *, window_fs: float = 100.0, rdf_max: float = 6.0, r
     ke, temp = _kinetic(ds)
     out = xr.Dataset({
         "kinetic_energy": ke, "temperature": temp,
-        "species_temperature": species_temperature(ds),
         "oh_bond": bonds, "oh_bond_mean": bonds.mean("bond"), "oh_bond_std": bonds.std("bond"),
         "hoh_angle": angles, "hoh_angle_mean": angles.mean("molecule"), "hoh_angle_std": angles.std("molecule"),
         "rdf": rdf(ds, r_max=min(rdf_max, 0.5 * float(_static_box(ds).min())), bin_width=rdf_bin),
     })
-    out = out.drop_vars([c for c in ("species", "masses") if c in out.coords])
+    out = out.drop_vars([c for c in ("species", "masses") if c in out.coords])    # per-atom coords
+    out["species_temperature"] = species_temperature(ds)
     for name, (units, long) in {"oh_bond_mean": ("angstrom", "mean O-H bond length"),
                                 "oh_bond_std": ("angstrom", "standard deviation of O-H bond lengths"),
                                 "hoh_angle_mean": ("deg", "mean H-O-H angle"),
@@ -494,6 +502,10 @@ def write_stats(stats: xr.Dataset, out: str | Path, overwrite: bool = False) -> 
     """Compute ``stats`` (dask, in parallel) and write it atomically as a zarr v3 store."""
     from .io.store import atomic_output
     out = Path(out)
+    # regular chunks (zarr needs them): frames in blocks, everything else whole
+    stats = stats.chunk({d: (min(STATS_CHUNK_FRAMES, n) if d == "frame" else -1) for d, n in stats.sizes.items()})
+    for v in stats.variables.values():
+        v.encoding = {}
     with atomic_output(out, overwrite=overwrite) as tmp:
         stats.to_zarr(tmp, mode="w", consolidated=False, zarr_format=3)
     return out

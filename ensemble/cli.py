@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -207,6 +208,51 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analysis import analyze, stats_summary_json, write_stats
+    from .io import open_trajectory
+    from .io.store import StoreError
+
+    ds = open_trajectory(args.store)
+    if Path(args.out).exists() and not args.overwrite:
+        raise StoreError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    frames = _frame_slice(args.frames, ds.sizes["frame"])
+    stats = analyze(ds.isel(frame=frames), window_fs=args.window_fs, rdf_max=args.rdf_max, rdf_bin=args.rdf_bin,
+                    source=str(args.store))
+    t0 = time.perf_counter()
+    write_stats(stats, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} ({stats.sizes['frame']} frames in {time.perf_counter() - t0:.1f} s); "
+          f"spectra {stats.attrs['spectra']}")
+    from .analysis import open_stats
+    print(stats_summary_json(open_stats(args.out)))
+    return 0
+
+
+def _frame_slice(text: str | None, n: int) -> slice:
+    if not text:
+        return slice(None)
+    try:
+        parts = [int(p) if p else None for p in text.split(":")]
+        if len(parts) not in (2, 3):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--frames {text!r}: expected START:STOP[:STRIDE] (frame indices)") from None
+    sl = slice(*parts)
+    if len(range(n)[sl]) < 2:
+        raise UsageError(f"--frames {text!r} selects {len(range(n)[sl])} of {n} frames; need at least 2")
+    return sl
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    cards = write_report(args.reference, args.models, args.out, overwrite=args.overwrite, n_blocks=args.blocks,
+                         window_fs=args.window_fs)
+    print((Path(args.out) / "scorecard.md").read_text())
+    print(f"wrote {args.out}/scorecard.json, scorecard.md and figures; {len(cards)} model(s) compared")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -292,6 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_simulate)
 
+    s = sub.add_parser("analyze", help="statistics of a trajectory store (temperatures, bonds, angles, g(r), "
+                                       "spectra) -> STATS.zarr")
+    s.add_argument("store")
+    s.add_argument("--out", required=True, help="statistics store to write (zarr)")
+    s.add_argument("--frames", help="START:STOP[:STRIDE] frame indices to analyse (default all)")
+    s.add_argument("--window-fs", type=float, default=100.0, help="spectrum window length, fs (default 100)")
+    s.add_argument("--rdf-max", type=float, default=6.0, help="g(r) range, Å (at most half the box)")
+    s.add_argument("--rdf-bin", type=float, default=0.02, help="g(r) bin width, Å")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_analyze)
+
+    s = sub.add_parser("report", help="compare model runs with a reference: scorecard (JSON, Markdown) + figures")
+    s.add_argument("reference", help="reference trajectory or statistics store")
+    s.add_argument("models", nargs="+", help="model trajectory or statistics stores")
+    s.add_argument("--out", required=True, help="report directory")
+    s.add_argument("--blocks", type=int, default=8, help="time blocks for the standard errors (default 8)")
+    s.add_argument("--window-fs", type=float, default=100.0, help="spectrum window for trajectory inputs, fs")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_report)
+
     s = sub.add_parser("demo", help="ingest the embedded CP2K data and summarise it")
     s.add_argument("--out", default="ensemble-demo", help="output directory (default ./ensemble-demo)")
     s.set_defaults(func=cmd_demo)
@@ -315,19 +381,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings on the command line: one line, no source excerpt."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .analysis import AnalysisError
     from .io.cp2k import IngestError
     from .io.cp2k_input import InputError
     from .io.store import StoreError
     from .md.simulate import SimulationError
     from .model import ModelError
     from .reference import ConfigError, Cp2kFailed, Cp2kNotFound
+    from .report import ReportError
 
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ModelError, IngestError, InputError, StoreError, ConfigError, Cp2kFailed, Cp2kNotFound, FileExistsError,
-            FileNotFoundError) as exc:
+    except (UsageError, ModelError, IngestError, InputError, StoreError, ConfigError, Cp2kFailed, Cp2kNotFound,
+            AnalysisError, ReportError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SimulationError as exc:
