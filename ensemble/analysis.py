@@ -348,17 +348,20 @@ def power_spectrum(da: xr.DataArray, ds: xr.Dataset, window_frames: int, pad: in
 
 def peak_position(da: xr.DataArray, dim: str, band: tuple[float, float] | None = None) -> xr.DataArray:
     """Coordinate of the highest point of ``da`` along ``dim`` (within ``band``), refined by a
-    parabola through the maximum and its neighbours; reduces ``dim``."""
+    parabola through the maximum and its neighbours; reduces ``dim``. NaN where the highest
+    point is at an end of the range (a slope, not a peak)."""
     sel = da.sel({dim: slice(*band)}) if band is not None else da
     if sel.sizes[dim] < 3:
         raise AnalysisError(f"{dim} range {band} holds {sel.sizes[dim]} bins; need >= 3")
 
     def peak(y, k):
-        i = np.clip(np.argmax(y, axis=-1), 1, y.shape[-1] - 2)
+        top = np.argmax(y, axis=-1)
+        i = np.clip(top, 1, y.shape[-1] - 2)
         y0, y1, y2 = (np.take_along_axis(y, (i + o)[..., None], -1)[..., 0] for o in (-1, 0, 1))
         den = y0 - 2 * y1 + y2
         shift = np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1.0), 0.0)
-        return np.interp(i + np.clip(shift, -0.5, 0.5), np.arange(k.size), k)
+        at = np.interp(i + np.clip(shift, -0.5, 0.5), np.arange(k.size), k)
+        return np.where((top == 0) | (top == y.shape[-1] - 1), np.nan, at)   # a maximum at the edge is no peak
 
     out = xr.apply_ufunc(peak, sel, kwargs={"k": sel[dim].values}, input_core_dims=[[dim]],
                          dask="parallelized", output_dtypes=[float])

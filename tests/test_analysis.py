@@ -120,6 +120,7 @@ def test_a_bond_oscillating_at_a_known_frequency_peaks_in_the_right_bin():
     mean = spec.mean("window")
     assert int(mean.argmax("wavenumber")) == int(np.argmin(np.abs(grid - k0)))    # the bin holding k0
     assert_allclose(spectral_peak(spec).values, k0, atol=5.0)                      # refined within 5 cm^-1
+    assert np.isnan(float(spectral_peak(mean, band=(3500.0, 4500.0))))        # only a slope in that band
     # Parseval: the integral is the bond variance averaged over the 4 bonds (a^2 / 2 for one of them)
     assert_allclose(float(mean.integrate("wavenumber")), 0.02 ** 2 / 2 / 4, rtol=0.02)
     d = vdos(ds, window_frames=200)

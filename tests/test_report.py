@@ -18,7 +18,7 @@ from ensemble.report import compare, format_scorecard, spectrum_distance, wasser
 
 @pytest.fixture(scope="module")
 def ref_stats():
-    return analyze(load_default().isel(frame=slice(0, 400)), window_fs=50.0).compute()
+    return analyze(load_default().isel(frame=slice(0, 400)), window_fs=100.0).compute()
 
 
 def test_identical_runs_score_zero_and_a_stretched_bond_is_found(ref_stats):
