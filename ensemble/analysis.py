@@ -42,7 +42,7 @@ from .units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
 
 __all__ = ["Molecules", "assign_molecules", "oh_bonds", "hoh_angles", "species_temperature", "MERGE", "merge",
            "AssignmentWarning", "rdf", "species_pairs", "power_spectrum", "spectral_peak", "peak_position", "oh_spectrum", "vdos",
-           "analyze", "write_stats", "open_stats", "block_average", "time_to_failure", "rdf_area",
+           "analyze", "write_stats", "open_stats", "block_average", "run_scalars", "time_to_failure", "rdf_area",
            "SPEED_OF_LIGHT_CM_PER_FS", "STATS_SCHEMA", "AnalysisError"]
 
 #: how each analysis's partial results combine
@@ -546,6 +546,44 @@ def block_average(series, n_blocks: int = 8) -> tuple[float, float]:
     return float(x.mean()), float(means.std(ddof=1) / np.sqrt(n_blocks))
 
 
+H_STRETCH_BAND = (2500.0, 4500.0)   #: cm^-1, O-H stretch in the H VDOS
+H_BEND_BAND = (1000.0, 2500.0)      #: cm^-1, H-O-H bend in the H VDOS
+
+
+def run_scalars(stats: xr.Dataset, n_blocks: int = 8) -> dict[str, tuple[str, str, tuple[float, float]]]:
+    """Time-averaged figures of one run with standard errors: key -> (label, units, (mean, err)).
+
+    Per-frame series: block averages over ``n_blocks`` time blocks. Spectral peaks: mean and
+    standard error over spectrum windows. g(r) first-peak positions: from g(r) averaged in each
+    time block.
+    """
+    rows = {"temperature": ("temperature", "K", block_average(stats["temperature"].values, n_blocks))}
+    for s in stats["species"].values:
+        rows[f"temperature_{s}"] = (f"temperature {s}", "K",
+                                    block_average(stats["species_temperature"].sel(species=s).values, n_blocks))
+    for name, units in (("oh_bond_mean", "angstrom"), ("oh_bond_std", "angstrom"), ("hoh_angle_mean", "deg"),
+                        ("hoh_angle_std", "deg")):
+        rows[name] = (name.replace("_", " "), units, block_average(stats[name].values, n_blocks))
+    if "oh_spectrum_peak" in stats:
+        peaks = stats["oh_spectrum_peak"].values
+        rows["oh_stretch_peak"] = ("O-H stretch peak (bond spectrum)", "cm^-1", block_average(peaks, peaks.size))
+        if "H" in stats["vdos"]["species"].values:
+            for key, label, band in (("vdos_H_stretch_peak", "H stretch peak (VDOS)", H_STRETCH_BAND),
+                                     ("vdos_H_bend_peak", "H bend peak (VDOS)", H_BEND_BAND)):
+                p = spectral_peak(stats["vdos"].sel(species="H"), band).values
+                rows[key] = (label, "cm^-1", block_average(p, p.size))
+    g = stats["rdf"]
+    nb = max(1, min(n_blocks, g.sizes["frame"]))
+    blocks = np.array_split(np.arange(g.sizes["frame"]), nb)
+    for pair in g["pair"].values:
+        gp = g.sel(pair=pair)
+        if np.isnan(gp.values).all():
+            continue
+        pos = [float(peak_position(gp.isel(frame=b).mean("frame"), "r")) for b in blocks]
+        rows[f"rdf_peak_{pair}"] = (f"g(r) {pair} peak position", "angstrom", block_average(pos, nb))
+    return rows
+
+
 def rdf_area(g: xr.DataArray, g_ref: xr.DataArray, r_max: float = 6.0) -> xr.DataArray:
     """Area between two g(r) (pair, r) over 0 < r < r_max, Å, per pair (ref interpolated onto g's r)."""
     g_ref = g_ref.interp(r=g["r"])
@@ -601,3 +639,65 @@ def stats_summary_json(stats: xr.Dataset) -> str:
     if "oh_spectrum" in stats:
         out["oh_stretch_peak_cm^-1"] = float(spectral_peak(stats["oh_spectrum"].mean("window")))
     return json.dumps(out)
+
+
+# --------------------------------------------------------------------------- across ensemble members
+
+
+def aggregate_members(stats: dict[str, xr.Dataset], meta: dict[str, dict], *, reference: xr.Dataset | None = None,
+                      n_blocks: int = 8) -> xr.Dataset:
+    """Merge the statistics of ensemble members into one Dataset with a ``member`` dimension.
+
+    Per member (coords ``model``, ``temperature_K``, ``tile``, ``seed``, ``status`` from
+    ``meta``): the time-averaged figures of :func:`run_scalars` with their errors
+    (``<key>`` and ``<key>_err``), the time to failure (against ``reference`` when given),
+    the per-frame series (``<name>_series``) on a common axis of time since the member's start
+    (``run_time``; NaN beyond a member's end), and the time-averaged g(r), O-H spectrum and VDOS.
+    Members whose runs differ in length or box size line up with NaN padding.
+    """
+    ids = list(stats)
+    if not ids:
+        raise AnalysisError("no member statistics to aggregate")
+    per = []
+    for mid in ids:
+        s = stats[mid]
+        t = np.asarray(s["time"].values, float)
+        series = s[["temperature", "species_temperature", "oh_bond_mean", "oh_bond_std", "hoh_angle_mean",
+                    "hoh_angle_std"]].drop_vars(["step", "time"]).assign_coords(run_time=("frame", t - t[0]))
+        series = series.swap_dims(frame="run_time")
+        series = series.rename({v: f"{v}_series" for v in series.data_vars})     # the scalars keep the plain names
+        scalars = run_scalars(s, n_blocks)
+        data = {k: xr.DataArray(v[2][0], attrs={"units": v[1], "long_name": v[0]}) for k, v in scalars.items()}
+        data.update({f"{k}_err": xr.DataArray(v[2][1], attrs={"units": v[1], "long_name": f"standard error of {v[0]}"})
+                     for k, v in scalars.items()})
+        ttf = time_to_failure(s, reference)
+        data["time_to_failure"] = xr.DataArray(np.nan if ttf["time_fs"] is None else ttf["time_fs"],
+                                               attrs={"units": "fs", "long_name": "time to failure (NaN: none)",
+                                                      "criteria": "O-H > 2 Å; g(r) area > 3 in 1 ps; run stopped"})
+        data["duration"] = xr.DataArray(ttf["duration_fs"], attrs={"units": "fs", "long_name": "run length"})
+        data["rdf_mean"] = s["rdf"].mean("frame").astype(float)
+        if "oh_spectrum" in s:
+            data["oh_spectrum_mean"] = s["oh_spectrum"].mean("window")
+            data["vdos_mean"] = s["vdos"].mean("window")
+        ds = xr.Dataset({**{k: v.drop_vars([c for c in v.coords if c in ("window_time",)], errors="ignore")
+                            for k, v in data.items()}, **series.data_vars})
+        per.append(ds.drop_vars([c for c in ds.coords if c not in ds.dims], errors="ignore"))
+    out = xr.concat(per, dim="member", join="outer", coords="minimal", compat="override", combine_attrs="drop")
+    info = {k: [meta[m][k] for m in ids] for k in ("model", "temperature_K", "tile", "seed", "status")}
+    out = out.assign_coords(member=np.array(ids, dtype=object),
+                            model=("member", np.array(info["model"], dtype=object)),
+                            temperature_K=("member", np.array(info["temperature_K"], float)),
+                            tile=("member", np.array(info["tile"], int)), seed=("member", np.array(info["seed"], int)),
+                            status=("member", np.array(info["status"], dtype=object)))
+    out["run_time"].attrs["units"] = "fs"
+    out["temperature_K"].attrs = {"units": "K", "long_name": "thermostat target"}
+    for name in ("rdf_mean", "oh_spectrum_mean", "vdos_mean"):
+        if name in out:
+            out[name].attrs["units"] = {"rdf_mean": "1", "oh_spectrum_mean": "angstrom^2 cm", "vdos_mean": "cm"}[name]
+    for name in out.data_vars:
+        src = name.removesuffix("_series")
+        out[name].attrs.setdefault("units", stats[ids[0]][src].attrs.get("units", "1") if src in stats[ids[0]]
+                                   else "1")
+        out[name].attrs["merge"] = "concat(member)"
+    out.attrs = {"schema": "ensemble.aggregate/1", "n_blocks": n_blocks, "created_by": f"ensemble {__version__}"}
+    return out

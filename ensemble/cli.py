@@ -253,6 +253,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .cluster import open_client
+    from .runner import aggregate, load_ensemble, resolve_embedded, run_ensemble
+
+    ens = resolve_embedded(load_ensemble(args.config), args.out)
+    print(f"ensemble {ens.name}: {len(ens.members)} members, reference {ens.reference}", file=sys.stderr)
+    from .runner import _validate
+    _validate(ens)                               # every member checked before any cluster starts
+    with open_client(args.scheduler, args.workers) as client:
+        summaries = run_ensemble(ens, args.out, client, retry_failed=args.retry_failed)
+    aggregate(ens, args.out, summaries)
+    print((Path(args.out) / "summary.md").read_text())
+    done = sum(s["status"] == "complete" for s in summaries)
+    print(f"{done} of {len(summaries)} members complete; wrote {args.out}/aggregate.zarr, summary.md, summary.json, "
+          "figures/")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -358,6 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_report)
 
+    s = sub.add_parser("run", help="run an ensemble of learned simulations on a dask cluster and aggregate them")
+    s.add_argument("config", help="ensemble TOML (see configs/ensemble/)")
+    s.add_argument("--out", required=True, help="output directory (members, aggregate, summary, figures)")
+    s.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://HOST:PORT); default: a "
+                                       "LocalCluster with one worker per core")
+    s.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
+    s.add_argument("--retry-failed", action="store_true", help="rerun members whose dynamics failed before")
+    s.set_defaults(func=cmd_run)
+
     s = sub.add_parser("demo", help="ingest the embedded CP2K data and summarise it")
     s.add_argument("--out", default="ensemble-demo", help="output directory (default ./ensemble-demo)")
     s.set_defaults(func=cmd_demo)
@@ -395,13 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     from .model import ModelError
     from .reference import ConfigError, Cp2kFailed, Cp2kNotFound
     from .report import ReportError
+    from .runner import EnsembleError
 
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
     except (UsageError, ModelError, IngestError, InputError, StoreError, ConfigError, Cp2kFailed, Cp2kNotFound,
-            AnalysisError, ReportError, FileExistsError, FileNotFoundError) as exc:
+            AnalysisError, ReportError, EnsembleError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SimulationError as exc:

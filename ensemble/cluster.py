@@ -34,6 +34,18 @@ def warm_kernels() -> str:
     pair_gradients(pos, box, k, p, -1.0, 1.0)
     conservative_design(pos, box, sp, 2, k, p, -1.0, 1.0, phi[0].reshape(3, -1), True)
     conservative_forces(pos, box, sp, 2, k, p, -1.0, 1.0, np.zeros((3, 2 * len(k))))
+    # MD force paths (Verlet list + per-pair terms; paper mode) of both kinds, and the analysis kernels
+    from .analysis import rdf_counts_kernel
+    from .model import Model
+
+    ws = paper_weights()
+    n = 2 * len(ws)
+    for kind in ("agent", "conservative"):
+        for cutoff in (None, 3.0):
+            model = Model(kind, ("H", "O"), (1.008, 15.999), ws, (np.zeros(n), np.zeros(n)),
+                          (np.zeros((n, n)), np.zeros((n, n))), cutoff_angstrom=cutoff)
+            model.force_fn(box, np.array(["O", "H", "H"]))(pos)
+    rdf_counts_kernel(pos[None], box, sp, np.array([[0, 1], [1, 2]]), 3.0, 10)
     return "warm"
 
 

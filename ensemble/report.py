@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from . import __version__
-from .analysis import (STATS_SCHEMA, analyze, block_average, open_stats, peak_position, rdf_area,
-                       spectral_peak, time_to_failure)
+from .analysis import STATS_SCHEMA, analyze, open_stats, rdf_area, run_scalars, time_to_failure
 
 __all__ = ["load_stats", "compare", "format_scorecard", "write_report", "wasserstein1", "spectrum_distance",
-           "ReportError", "H_STRETCH_BAND", "H_BEND_BAND"]
-
-H_STRETCH_BAND = (2500.0, 4500.0)   #: cm^-1, O-H stretch in the H VDOS
-H_BEND_BAND = (1000.0, 2500.0)      #: cm^-1, H-O-H bend in the H VDOS
-
+           "ReportError", "ensemble_table", "format_ensemble_table", "write_ensemble_report"]
 
 class ReportError(ValueError):
     """Inputs that cannot be compared (missing store, different species, ...)."""
@@ -84,34 +81,6 @@ def _row(name, units, ref, model, note=""):
             "difference": diff, "difference_err": diff_err, "z": z, "note": note}
 
 
-def _series_rows(stats: xr.Dataset, n_blocks: int) -> dict[str, tuple[str, tuple[float, float]]]:
-    """Time-averaged quantities of one run with block-average errors: name -> (units, (mean, err))."""
-    rows = {"temperature": ("K", block_average(stats["temperature"].values, n_blocks))}
-    for s in stats["species"].values:
-        rows[f"temperature {s}"] = ("K", block_average(stats["species_temperature"].sel(species=s).values, n_blocks))
-    for name, units in (("oh_bond_mean", "angstrom"), ("oh_bond_std", "angstrom"), ("hoh_angle_mean", "deg"),
-                        ("hoh_angle_std", "deg")):
-        rows[name.replace("_", " ")] = (units, block_average(stats[name].values, n_blocks))
-    if "oh_spectrum_peak" in stats:
-        peaks = stats["oh_spectrum_peak"].values
-        rows["O-H stretch peak (bond spectrum)"] = ("cm^-1", block_average(peaks, peaks.size))
-        for label, band in (("H stretch peak (VDOS)", H_STRETCH_BAND), ("H bend peak (VDOS)", H_BEND_BAND)):
-            if "H" in stats["vdos"]["species"].values:
-                p = spectral_peak(stats["vdos"].sel(species="H"), band).values
-                rows[label] = ("cm^-1", block_average(p, p.size))
-    # g(r) first-peak positions: from g(r) averaged in time blocks
-    g = stats["rdf"]
-    nb = max(1, min(n_blocks, g.sizes["frame"]))
-    blocks = np.array_split(np.arange(g.sizes["frame"]), nb)
-    for pair in g["pair"].values:
-        gp = g.sel(pair=pair)
-        if np.isnan(gp.values).all():
-            continue
-        pos = [float(peak_position(gp.isel(frame=b).mean("frame"), "r")) for b in blocks]
-        rows[f"g(r) {pair} peak position"] = ("angstrom", block_average(pos, nb))
-    return rows
-
-
 def compare(reference: xr.Dataset, model: xr.Dataset, *, n_blocks: int = 8) -> dict:
     """Scorecard of ``model`` against ``reference`` (two statistics Datasets), as a plain dict.
 
@@ -124,13 +93,14 @@ def compare(reference: xr.Dataset, model: xr.Dataset, *, n_blocks: int = 8) -> d
     if sorted(map(str, reference["species"].values)) != sorted(map(str, model["species"].values)):
         raise ReportError(f"species differ: reference {list(reference['species'].values)}, "
                           f"model {list(model['species'].values)}")
-    ref_rows, mod_rows = _series_rows(reference, n_blocks), _series_rows(model, n_blocks)
+    ref_rows, mod_rows = run_scalars(reference, n_blocks), run_scalars(model, n_blocks)
     rows, missing = [], []
-    for name, (units, ref) in ref_rows.items():
-        if name in mod_rows:
-            rows.append(_row(name, units, ref, mod_rows[name][1]))
+    for key, (label, units, ref) in ref_rows.items():
+        if key in mod_rows:
+            rows.append(_row(label, units, ref, mod_rows[key][2]))
+            rows[-1]["key"] = key
         else:
-            missing.append(name)
+            missing.append(label)
     distances = {
         "oh_bond_wasserstein1_angstrom": wasserstein1(reference["oh_bond"].values, model["oh_bond"].values),
         "hoh_angle_wasserstein1_deg": wasserstein1(reference["hoh_angle"].values, model["hoh_angle"].values),
@@ -361,3 +331,183 @@ def _finite(x):
     if isinstance(x, (float, np.floating)):
         return float(x) if np.isfinite(x) else None
     return x
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+#: figures of the ensemble table: key -> column header
+ENSEMBLE_COLUMNS = {"temperature": "T (K)", "temperature_H": "T H (K)", "temperature_O": "T O (K)",
+                    "oh_bond_mean": "O-H (Å)", "oh_bond_std": "O-H std (Å)", "hoh_angle_mean": "H-O-H (deg)",
+                    "hoh_angle_std": "H-O-H std (deg)", "oh_stretch_peak": "stretch (cm^-1)",
+                    "rdf_peak_O-O": "g_OO peak (Å)"}
+
+
+def _groups(agg: xr.Dataset) -> list[tuple[tuple, np.ndarray]]:
+    keys = list(zip(agg["model"].values, agg["temperature_K"].values.tolist(), agg["tile"].values.tolist()))
+    order = list(dict.fromkeys(keys))
+    return [(k, np.array([i for i, kk in enumerate(keys) if kk == k])) for k in order]
+
+
+def ensemble_table(agg: xr.Dataset) -> list[dict]:
+    """Mean ± standard error across members, per (model, temperature, tile) group.
+
+    The error is the spread between independent members (std / sqrt(n)), NaN for one member;
+    failures: members that stopped or met a failure criterion, with their mean time to failure.
+    """
+    rows = []
+    for (model, temp, tile), idx in _groups(agg):
+        sub = agg.isel(member=idx)
+        ttf = sub["time_to_failure"].values
+        row = {"model": str(model), "temperature_K": float(temp), "tile": int(tile), "members": int(idx.size),
+               "failed": int(np.isfinite(ttf).sum()),
+               "time_to_failure_fs": float(np.nanmean(ttf)) if np.isfinite(ttf).any() else None,
+               "duration_fs": float(sub["duration"].mean())}
+        for key in ENSEMBLE_COLUMNS:
+            if key not in sub:
+                continue
+            v = sub[key].values.astype(float)
+            v = v[np.isfinite(v)]
+            row[key] = float(v.mean()) if v.size else None
+            row[f"{key}_err"] = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None
+        rows.append(row)
+    return rows
+
+
+def format_ensemble_table(rows: list[dict], reference: dict | None = None) -> str:
+    """Markdown table of :func:`ensemble_table` rows, with the reference's figures first."""
+    keys = [k for k in ENSEMBLE_COLUMNS if any(k in r for r in rows)]
+    head = "| model | T target (K) | tile | members (failed) | " + " | ".join(ENSEMBLE_COLUMNS[k] for k in keys) + \
+        " | first failure (fs) |"
+    lines = [head, "|" + "---|" * (5 + len(keys))]
+    if reference is not None:
+        cells = [_pm(*reference[k][2], _DIGITS.get(reference[k][1], 3)) if k in reference else "n/a" for k in keys]
+        lines.append("| reference | | | | " + " | ".join(cells) + " | |")
+    for r in rows:
+        cells = []
+        for k in keys:
+            units = "K" if k.startswith("temperature") else "cm^-1" if k.endswith("peak") else \
+                "deg" if "angle" in k else "angstrom"
+            v, e = r.get(k), r.get(f"{k}_err")
+            cells.append(_pm(v, float("nan") if e is None else e, _DIGITS[units]) if v is not None else "n/a")
+        ttf = "—" if r["time_to_failure_fs"] is None else f"{r['time_to_failure_fs']:.0f}"
+        lines.append(f"| {r['model']} | {r['temperature_K']:g} | {r['tile']} | {r['members']} ({r['failed']}) | "
+                     + " | ".join(cells) + f" | {ttf} |")
+    return "\n".join(lines)
+
+
+def _ensemble_figures(agg: xr.Dataset, ref: xr.Dataset | None, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups = _groups(agg)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for g, ((model, temp, tile), idx) in enumerate(groups):
+        for j, i in enumerate(idx):
+            s = agg["temperature_series"].isel(member=int(i))
+            ax.plot(agg["run_time"] / 1000, s, color=colors[g % len(colors)], lw=0.7,
+                    label=f"{model} {temp:g} K x{tile}" if j == 0 else None)
+    if ref is not None:
+        t = np.asarray(ref["time"].values, float)
+        ax.plot((t - t[0]) / 1000, ref["temperature"], "k", lw=1.0, label="reference")
+    ax.set(xlabel="time since start (ps)", ylabel="temperature (K)", title="temperature of every member")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ensemble_temperature.png", dpi=110)
+    plt.close(fig)
+    written.append("ensemble_temperature.png")
+
+    keys = [k for k in ("temperature_H", "temperature_O", "oh_bond_mean", "hoh_angle_mean", "oh_stretch_peak",
+                        "rdf_peak_O-O") if k in agg]
+    ref_vals = run_scalars(ref) if ref is not None else {}
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    lines = {}
+    for (model, temp, tile), idx in groups:
+        lines.setdefault((model, tile), []).append((temp, idx))
+    for ax, key in zip(axes.ravel(), keys):
+        for c, ((model, tile), pts) in enumerate(lines.items()):
+            xs = [t for t, _ in pts]
+            vals = [agg[key].values[idx].astype(float) for _, idx in pts]
+            ys = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in vals]
+            es = [np.nanstd(v, ddof=1) / np.sqrt(np.isfinite(v).sum()) if np.isfinite(v).sum() > 1 else 0.0
+                  for v in vals]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colors[c % len(colors)],
+                        label=f"{model} x{tile}")
+        if key in ref_vals:
+            label, units, (m, e) = ref_vals[key]
+            ax.axhline(m, color="k", ls="--", lw=1.0, label="reference")
+            if np.isfinite(e):
+                ax.axhspan(m - e, m + e, color="k", alpha=0.1)
+        label, units = (ref_vals[key][0], ref_vals[key][1]) if key in ref_vals else (key, "")
+        ax.set(xlabel="thermostat target (K)", ylabel=f"{label} ({units})", title=label)
+    for ax in axes.ravel()[len(keys):]:
+        ax.axis("off")
+    axes.ravel()[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ensemble_figures.png", dpi=110)
+    plt.close(fig)
+    written.append("ensemble_figures.png")
+
+    pairs = agg["pair"].values
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.6), squeeze=False)
+    for ax, p in zip(axes[0], pairs):
+        for g, ((model, temp, tile), idx) in enumerate(groups):
+            ax.plot(agg["r"], agg["rdf_mean"].sel(pair=p).isel(member=idx).mean("member"),
+                    color=colors[g % len(colors)], lw=1.0, label=f"{model} {temp:g} K x{tile}")
+        if ref is not None:
+            ax.plot(ref["r"], ref["rdf"].sel(pair=p).mean("frame"), "k--", lw=1.0, label="reference")
+        ax.set(xlabel="r (Å)", ylabel="g(r)", title=f"g(r) {p}, mean over members")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ensemble_rdf.png", dpi=110)
+    plt.close(fig)
+    written.append("ensemble_rdf.png")
+    return written
+
+
+def write_ensemble_report(agg: xr.Dataset, reference: xr.Dataset | None, out: str | Path, *,
+                          summaries: list[dict] | None = None, title: str = "ensemble") -> dict:
+    """Write ``aggregate.zarr``, ``summary.json``, ``summary.md`` and ``figures/`` into ``out``
+    (each atomically: a temporary path, then rename). Returns the summary document."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ensemble_table(agg)
+    ref = run_scalars(reference) if reference is not None else None
+    store = out / "aggregate.zarr"
+    tmp = out / f".aggregate.zarr.partial-{uuid.uuid4().hex[:8]}"
+    agg.to_zarr(tmp, mode="w", consolidated=False, zarr_format=3)
+    old = out / f".aggregate.zarr.old-{uuid.uuid4().hex[:8]}"
+    if store.exists():
+        store.rename(old)
+    tmp.rename(store)
+    shutil.rmtree(old, ignore_errors=True)
+    figdir = out / "figures"
+    figtmp = out / f".figures.partial-{uuid.uuid4().hex[:8]}"
+    figtmp.mkdir()
+    figures = _ensemble_figures(agg, reference, figtmp)
+    if figdir.exists():
+        shutil.rmtree(figdir)
+    figtmp.rename(figdir)
+    failures = [s for s in (summaries or []) if s.get("status") != "complete"]
+    doc = {"schema": "ensemble.summary/1", "title": title, "created_by": f"ensemble {__version__}",
+           "groups": rows, "reference": {k: {"label": v[0], "units": v[1], "mean": v[2][0], "err": v[2][1]}
+                                          for k, v in (ref or {}).items()},
+           "members": [{k: s.get(k) for k in ("id", "status", "error", "seconds", "simulate_s", "analyze_s",
+                                               "atom_steps_per_s", "skipped", "warnings")} for s in (summaries or [])],
+           "figures": [f"figures/{f}" for f in figures]}
+    md = [f"# {title}", "", "Mean ± standard error across members (independent seeds) per model, thermostat "
+          "target and tiling; the reference row has block-average errors over time. A member fails at its first "
+          "O-H bond beyond 2 Å, the first 1 ps window whose g(r) departs from the reference by an area above 3, "
+          "or where its run stopped.", "", format_ensemble_table(rows, ref), ""]
+    if failures:
+        md += ["Failed members:", ""] + [f"- `{s['id']}`: {s['status']}: {s.get('error')}" for s in failures] + [""]
+    md += ["Figures: " + ", ".join(f"[{f}](figures/{f})" for f in figures), ""]
+    for name, text in (("summary.json", json.dumps(_finite(doc), indent=1, default=_json_default, allow_nan=False)),
+                       ("summary.md", "\n".join(md))):
+        tmp_f = out / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp_f.write_text(text + "\n")
+        tmp_f.rename(out / name)
+    return doc

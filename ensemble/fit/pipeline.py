@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .gram import SPLITS, Splits, accumulate_gram, backward_elimination, fit_joint, fit_species
-from ..invariants import WeightSet, paper_weights
+from ..invariants import WeightSet, orthorhombic_box, paper_weights
 from ..io.store import open_trajectory
 from ..model import Model, coefficients_from_columns
 
@@ -174,7 +174,8 @@ def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport
                "target": "accelerations (Å/fs^2)" if cfg.kind == "agent" else "forces (eV/Å)"}
     prov = {"store": str(Path(store).resolve()), "store_title": ds.attrs.get("title", ""),
             "store_source_files": [{k: f.get(k) for k in ("role", "sha256")} for f in ds.attrs.get("source_files", [])],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "training_box_angstrom": [float(b) for b in np.min(orthorhombic_box(ds["cell"].values).reshape(-1, 3), axis=0)]}
     if cfg.kind == "agent":
         model = _model_from_agent(cfg, gram, fits, chosen_idx, masses, prov, metrics)
     else:

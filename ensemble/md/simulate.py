@@ -66,8 +66,9 @@ def tile(state: InitialState, n: int) -> InitialState:
 
 def initial_state(init: str, *, frame: int | None = None, temperature_K: float | None = None,
                   seed: int | None = None, tile_n: int = 1) -> InitialState:
-    """From ``STORE[:FRAME]`` (positions and velocities of that frame, default the last); with
-    ``temperature_K`` and ``seed`` the velocities are redrawn from Maxwell-Boltzmann instead."""
+    """From ``STORE[:FRAME]`` (positions and velocities of that frame, default the last), tiled
+    ``tile_n`` times per axis; with ``temperature_K`` and ``seed`` the velocities of the whole
+    box are redrawn from Maxwell-Boltzmann instead."""
     path, _, fr = str(init).partition(":")
     if fr and frame is None:
         try:
@@ -86,11 +87,12 @@ def initial_state(init: str, *, frame: int | None = None, temperature_K: float |
     box = orthorhombic_box(cell, f"{path} cell")
     masses = np.asarray(ds["masses"].values, float)
     vel = np.asarray(f["velocities"].values, float)
-    if temperature_K is not None and seed is not None:
-        vel = maxwell_boltzmann(masses, temperature_K, np.random.default_rng(seed))
-    state = InitialState(np.asarray(f["positions"].values, float), vel, tuple(str(s) for s in ds["species"].values),
-                         masses, box, f"{Path(path).resolve()} frame {frame % n}")
-    return tile(state, tile_n)
+    state = tile(InitialState(np.asarray(f["positions"].values, float), vel,
+                              tuple(str(s) for s in ds["species"].values), masses, box,
+                              f"{Path(path).resolve()} frame {frame % n}"), tile_n)
+    if temperature_K is not None and seed is not None:     # drawn for the whole (tiled) box: no copies
+        state = replace(state, velocities=maxwell_boltzmann(state.masses, temperature_K, np.random.default_rng(seed)))
+    return state
 
 
 @dataclass(frozen=True)
@@ -139,12 +141,14 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
              stride: int = 10, tau_fs: float = 100.0, chain_length: int = 3, max_force_ev_per_angstrom: float | None = None,
              remove_com: bool = True, max_temperature_K: float = 5000.0, checkpoint_every: int = 1000,
              block_frames: int = 100, out: str | Path, resume: bool = False, overwrite: bool = False,
-             progress: Callable[[int, int, float], None] | None = None, run_attrs: dict | None = None) -> SimulationSummary:
+             progress: Callable[[int, int, float], None] | None = None, run_attrs: dict | None = None,
+             write_forces: bool = True) -> SimulationSummary:
     """Integrate ``steps`` steps (NVT with a Nosé-Hoover chain when ``temperature_K`` is given,
     else NVE) and stream frames every ``stride`` steps to ``out``.
 
     ``resume`` continues a stopped run from its last checkpoint; the result is bitwise identical
-    to an uninterrupted run with the same arguments.
+    to an uninterrupted run with the same arguments. ``write_forces=False`` leaves forces and
+    accelerations out of the frames (half the output; what ensembles of long runs want).
     """
     out = Path(out)
     if steps < 1 or stride < 1 or dt_fs <= 0:
@@ -174,6 +178,8 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
     settings = {"steps": steps, "dt_fs": dt_fs, "temperature_K": temperature_K, "stride": stride, "tau_fs": tau_fs,
                 "chain_length": chain_length, "max_force_ev_per_angstrom": max_force_ev_per_angstrom,
                 "remove_com": remove_com, "kind": model.kind}
+    if not write_forces:
+        settings["write_forces"] = False
 
     if resume:
         if not out.exists():
@@ -221,7 +227,7 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
             blk = frame_block(step=[r[0] for r in buf_frames], time_fs=[r[1] for r in buf_frames],
                               positions=np.stack([r[2] for r in buf_frames]),
                               velocities=np.stack([r[3] for r in buf_frames]), masses=masses,
-                              forces=np.stack([r[4] for r in buf_frames]),
+                              forces=np.stack([r[4] for r in buf_frames]) if write_forces else None,
                               potential_energy=[r[5] for r in buf_frames], conserved_energy=[r[6] for r in buf_frames])
             if root is None:
                 blk = with_static(blk, species=init.species, masses=masses, cell=np.diag(init.box), attrs={
