@@ -367,3 +367,75 @@ def _bench_cp2k_fist(tmp: Path, state, steps: int) -> dict | None:
     if done.returncode != 0:
         return None
     return {"steps": steps, "seconds": wall, "s_per_step": wall / steps}
+
+
+def bench_runner(members: int = 8, steps: int = 1000, model_path: str | Path | None = None,
+                 workdir: str | Path | None = None) -> dict:
+    """Ensemble throughput: members/s with 1 and 2 LocalCluster workers, the overhead per member
+    (wall time x workers - time spent inside the members) relative to a member's own runtime,
+    and the scaling efficiency from 1 to 2 workers.
+
+    Members: NVT runs of the embedded 128 H2O (cutoff 5 Å conservative model: ``model_path``,
+    or the paper's 7 weight functions with small random coefficients; speed does not depend on
+    the values), ``steps`` steps each, analysed in the worker. Cluster start-up and kernel
+    warm-up are excluded (done once per cluster); the final aggregation is timed separately.
+    """
+    from .cluster import open_client
+    from .data import write_default_store
+    from .invariants import paper_weights
+    from .model import Model
+    from .runner import aggregate, load_ensemble, run_ensemble
+
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ensemble-bench-runner-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        ref = tmp / "reference.zarr"
+        if not ref.exists():
+            write_default_store(ref)
+        if model_path is None:
+            rng = np.random.default_rng(0)
+            ws = paper_weights().subset([1, 3, 9, 11, 13, 16, 17])
+            p = 2 * len(ws)
+            b = rng.normal(size=(p, p)) * 1e-4
+            model_path = tmp / "model.json"
+            Model(kind="conservative", species=("H", "O"), masses=(1.00794, 15.9994), weights=ws,
+                  A=(rng.normal(size=p) * 1e-3,) * 2, B=(b + b.T,) * 2, cutoff_angstrom=5.0).save(model_path)
+        rows = []
+        for n_workers in (1, 2):
+            cfg = tmp / f"bench-{n_workers}.toml"
+            cfg.write_text(f'[ensemble]\nname = "bench"\nreference = "{ref}"\n[models]\nm = "{Path(model_path).resolve()}"\n'
+                           f'[defaults]\nsteps = {steps}\nstride = 4\n[grid]\nseed = {list(range(1, members + 1))}\n')
+            ens = load_ensemble(cfg)
+            out = tmp / f"out-{n_workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            with open_client(None, n_workers, report=lambda m: None) as client:
+                t0 = time.perf_counter()
+                summaries = run_ensemble(ens, out, client, report=lambda m: None)
+                wall = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            aggregate(ens, out, summaries)
+            agg_s = time.perf_counter() - t1
+            inside = [s["seconds"] for s in summaries]
+            bad = [s for s in summaries if s["status"] != "complete"]
+            if bad:
+                raise RuntimeError(f"bench member {bad[0]['id']} did not complete: {bad[0].get('error')}")
+            overhead = (wall * n_workers - sum(inside)) / members
+            rows.append({"workers": n_workers, "members": members, "wall_s": wall, "members_per_s": members / wall,
+                         "member_s": float(np.mean(inside)), "simulate_s": float(np.mean([s["simulate_s"] for s in summaries])),
+                         "analyze_s": float(np.mean([s["analyze_s"] for s in summaries])),
+                         "overhead_per_member_s": overhead, "overhead_fraction": overhead / float(np.mean(inside)),
+                         "aggregate_s": agg_s})
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    eff = rows[1]["members_per_s"] / (2 * rows[0]["members_per_s"])
+    print(f"ensemble bench runner: {members} members x {steps} steps of 128 H2O (NVT, cutoff 5 Å, analysed in "
+          "the worker), LocalCluster")
+    print(f"  {'workers':>7} {'wall s':>7} {'members/s':>10} {'member s':>9} {'(sim + analyze)':>16} "
+          f"{'overhead/member':>16} {'aggregate s':>12}")
+    for r in rows:
+        print(f"  {r['workers']:7d} {r['wall_s']:7.1f} {r['members_per_s']:10.3f} {r['member_s']:9.2f} "
+              f"{r['simulate_s']:7.2f} + {r['analyze_s']:5.2f}  {r['overhead_per_member_s']:7.3f} s "
+              f"({100 * r['overhead_fraction']:4.1f} %) {r['aggregate_s']:12.1f}")
+    print(f"  scaling efficiency 1 -> 2 workers: {100 * eff:.1f} % (members/s with 2 workers / twice that with 1)")
+    return {"rows": rows, "scaling_efficiency": eff}

@@ -278,6 +278,8 @@ def cmd_bench(args) -> int:
         bench.bench_ingest(size_mb=args.size_mb, workdir=args.workdir)
     elif args.what == "md":
         bench.bench_md(steps=args.steps, model_path=args.model, cutoff_angstrom=args.cutoff)
+    elif args.what == "runner":
+        bench.bench_runner(members=args.members, steps=args.steps, model_path=args.model, workdir=args.workdir)
     else:
         bench.bench_gram(frames=args.frames, long_factor=args.long_factor, workdir=args.workdir)
     return 0
@@ -398,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("gram", help="Gram reduction: frames/s with 1 and 2 workers, memory, syrk fraction")
     b.add_argument("--frames", type=int, help="frames of the embedded data to use (default all)")
     b.add_argument("--long-factor", type=int, default=10, help="length of the long store, in default stores")
+    b.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("runner", help="ensemble runner: members/s and overhead per member, 1 and 2 workers")
+    b.add_argument("--members", type=int, default=8)
+    b.add_argument("--steps", type=int, default=1000, help="MD steps per member")
+    b.add_argument("--model", help="a fitted cutoff-mode model JSON (default: random coefficients, cutoff 5 Å)")
     b.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser("md", help="MD steps/s and atom-steps/s, 128 and 1024 H2O, both modes; vs CP2K FIST")

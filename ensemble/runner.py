@@ -253,6 +253,14 @@ def run_member(member: Member, out: str, window_fs: float = 100.0) -> dict:
     the model blows up keeps its store (status ``failed: ...``, frames up to the failure) and is
     analysed like any other. Any other error propagates (the runner records it).
     """
+    import dask
+
+    # serial inside the worker: dask computations here must not fan out to the cluster running us
+    with dask.config.set(scheduler="synchronous"):
+        return _run_member(member, Path(out), window_fs)
+
+
+def _run_member(member: Member, out: Path, window_fs: float) -> dict:
     from .analysis import analyze, write_stats
     from .io.store import open_trajectory
     from .md import initial_state, simulate
