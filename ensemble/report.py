@@ -283,7 +283,7 @@ def _figures(ref: xr.Dataset, models: dict[str, xr.Dataset], out: Path, seed: in
 def _labels(paths: list[Path]) -> list[str]:
     labels = []
     for p in paths:
-        base = Path(p).name.removesuffix(".zarr") or str(p)
+        base = Path(p).name.removesuffix(".zarr").removesuffix(".stats") or str(p)
         label, k = base, 2
         while label in labels:
             label, k = f"{base}-{k}", k + 1
