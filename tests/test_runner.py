@@ -191,3 +191,13 @@ temperature_K = 100000.0
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
         log.close()
+
+
+def test_shipped_ensemble_configs_expand():
+    from ensemble.runner import Ensemble
+    root = Path(__file__).resolve().parents[1]
+    study = load_ensemble(root / "configs" / "ensemble" / "study.toml")
+    assert isinstance(study, Ensemble) and len(study.members) == 60 and study.reference == "embedded"
+    demo = load_ensemble(root / "ensemble" / "data" / "demo-ensemble.toml")
+    assert len(demo.members) == 10 and {m.tile for m in demo.members} == {1, 2}
+    assert sum(m.model == "agent" for m in demo.members) == 2
