@@ -42,7 +42,7 @@ from .units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
 
 __all__ = ["Molecules", "assign_molecules", "oh_bonds", "hoh_angles", "species_temperature", "MERGE", "merge",
            "AssignmentWarning", "rdf", "species_pairs", "power_spectrum", "spectral_peak", "peak_position", "oh_spectrum", "vdos",
-           "analyze", "write_stats", "open_stats", "block_average", "run_scalars", "time_to_failure", "rdf_area",
+           "analyze", "write_stats", "open_stats", "block_average", "run_scalars", "time_to_failure", "rdf_area", "histogram",
            "SPEED_OF_LIGHT_CM_PER_FS", "STATS_SCHEMA", "AnalysisError"]
 
 #: how each analysis's partial results combine
@@ -50,7 +50,9 @@ MERGE = {"oh_bond": "concat(frame)", "hoh_angle": "concat(frame)", "species_temp
          "oh_bond_mean": "concat(frame)", "oh_bond_std": "concat(frame)", "hoh_angle_mean": "concat(frame)",
          "hoh_angle_std": "concat(frame)", "kinetic_energy": "concat(frame)", "temperature": "concat(frame)",
          "rdf": "concat(frame)", "oh_spectrum": "concat(window)", "oh_spectrum_peak": "concat(window)",
-         "vdos": "concat(window)"}
+         "vdos": "concat(window)", "oh_bond_hist": "sum", "hoh_angle_hist": "sum"}
+BOND_EDGES = np.linspace(0.6, 2.0, 281)      #: Å, 0.005 Å bins for O-H bond-length histograms
+ANGLE_EDGES = np.linspace(60.0, 180.0, 241)  #: deg, 0.5 deg bins for H-O-H angle histograms
 
 STATS_SCHEMA = "ensemble.stats/1"
 SPEED_OF_LIGHT_CM_PER_FS = 2.99792458e-5   #: c in cm/fs: wavenumber (cm^-1) = frequency (1/fs) / c
@@ -404,6 +406,27 @@ def vdos(ds: xr.Dataset, window_frames: int) -> xr.DataArray:
     return out.rename("vdos")
 
 
+# --------------------------------------------------------------------------- histograms
+
+
+def histogram(da: xr.DataArray, edges: np.ndarray, dim: str) -> xr.DataArray:
+    """Counts of all values of ``da`` in the bins ``edges`` (dimension ``dim``, coordinate: bin
+    centres), lazily for dask arrays; values outside the edges are not counted (their number is
+    in ``attrs["outside"]`` once computed from the total). Partial histograms merge by summing."""
+    import dask.array as dsa
+
+    data = da.data
+    if isinstance(data, dsa.Array):
+        counts, _ = dsa.histogram(data.ravel(), bins=edges)
+    else:
+        counts, _ = np.histogram(np.asarray(data).ravel(), bins=edges)
+    out = xr.DataArray(counts, dims=dim, coords={dim: 0.5 * (edges[1:] + edges[:-1])})
+    out[dim].attrs = {"units": da.attrs.get("units", ""), "bin_width": float(edges[1] - edges[0])}
+    out.attrs = {"units": "1", "long_name": f"histogram of {da.attrs.get('long_name', da.name)} (counts)",
+                 "merge": "sum"}
+    return out
+
+
 # --------------------------------------------------------------------------- one statistics Dataset
 
 
@@ -423,7 +446,8 @@ def analyze(ds: xr.Dataset, *, window_fs: float = 100.0, rdf_max: float = 6.0, r
     """All statistics of one trajectory, lazily (dask), in one Dataset (schema ``ensemble.stats/1``).
 
     Per-frame series: kinetic_energy, temperature, species_temperature, oh_bond (+ _mean, _std),
-    hoh_angle (+ _mean, _std), rdf. Windowed (``window_fs``): oh_spectrum, oh_spectrum_peak, vdos.
+    hoh_angle (+ _mean, _std), rdf. Histograms (summed): oh_bond_hist, hoh_angle_hist.
+    Windowed (``window_fs``): oh_spectrum, oh_spectrum_peak, vdos.
     Spectra are left out, with the reason in ``attrs["spectra"]``, when frames are too far apart
     or too few for one window. ``source`` is recorded in the attrs.
     """
@@ -439,6 +463,8 @@ def analyze(ds: xr.Dataset, *, window_fs: float = 100.0, rdf_max: float = 6.0, r
     })
     out = out.drop_vars([c for c in ("species", "masses") if c in out.coords])    # per-atom coords
     out["species_temperature"] = species_temperature(ds)
+    out["oh_bond_hist"] = histogram(bonds, BOND_EDGES, "oh_bond_bin")
+    out["hoh_angle_hist"] = histogram(angles, ANGLE_EDGES, "hoh_angle_bin")
     for name, (units, long) in {"oh_bond_mean": ("angstrom", "mean O-H bond length"),
                                 "oh_bond_std": ("angstrom", "standard deviation of O-H bond lengths"),
                                 "hoh_angle_mean": ("deg", "mean H-O-H angle"),
@@ -473,12 +499,14 @@ def analyze(ds: xr.Dataset, *, window_fs: float = 100.0, rdf_max: float = 6.0, r
 def merge(parts):
     """Merge partial results (DataArrays or statistics Datasets) by their declared rules.
 
-    ``concat(frame)`` / ``concat(window)`` concatenate in the given order; ``identical``
-    variables must agree and are kept once. Pieces cut at window boundaries merge to exactly
+    ``concat(frame)`` / ``concat(window)`` concatenate in the given order; ``sum`` adds
+    (histograms); ``identical`` variables must agree and are kept once. Pieces cut at window boundaries merge to exactly
     the analysis of the whole.
     """
     if isinstance(parts[0], xr.DataArray):
         rule = parts[0].attrs.get("merge", "")
+        if rule == "sum":
+            return sum(parts[1:], parts[0]).assign_attrs(parts[0].attrs)
         if not rule.startswith("concat("):
             raise ValueError(f"{parts[0].name}: no merge rule {rule!r}")
         out = xr.concat(parts, dim=rule[len("concat("):-1])
@@ -494,6 +522,11 @@ def merge(parts):
             merged[name] = parts[0][name]
         elif rule.startswith("concat("):
             merged[name] = merge([p[name] for p in parts if name in p])
+        elif rule == "sum":
+            total = parts[0][name]
+            for p in parts[1:]:
+                total = total + p[name]
+            merged[name] = total.assign_attrs(parts[0][name].attrs)
         else:
             raise ValueError(f"{name}: no merge rule {rule!r}")
     out = xr.Dataset(merged)

@@ -49,6 +49,24 @@ def warm_kernels() -> str:
     return "warm"
 
 
+def _warm_plugin_class():
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _WarmKernels(WorkerPlugin):
+        """Warm the numba kernels on a worker when it starts (and on workers already running)."""
+
+        name = "ensemble-warm-kernels"
+
+        def setup(self, worker):
+            warm_kernels()
+
+    return _WarmKernels
+
+
+def WarmKernels():  # noqa: N802 - reads as a class at the call site
+    return _warm_plugin_class()()
+
+
 @contextlib.contextmanager
 def open_client(scheduler: str | None = None, n_workers: int | None = None, report=None) -> Iterator:
     """A dask.distributed Client: on ``scheduler`` if given, else on a new LocalCluster with one
@@ -66,7 +84,7 @@ def open_client(scheduler: str | None = None, n_workers: int | None = None, repo
         client = Client(cluster)
     try:
         report(f"dask: {len(client.scheduler_info()['workers'])} workers, dashboard {client.dashboard_link}")
-        client.run(warm_kernels)
+        client.register_plugin(WarmKernels())      # every worker, also those that join (or rejoin) later
         yield client
     finally:
         import logging

@@ -181,6 +181,9 @@ def test_analyze_lazy_equals_in_memory_and_window_aligned_halves_merge_to_the_wh
                     analyze(ds.isel(frame=slice(200, 400)), window_fs=50.0)]).compute()
     xr.testing.assert_allclose(halves, whole, rtol=1e-12, atol=0)
     assert whole["oh_spectrum"].sizes["window"] == 4
+    assert int(whole["oh_bond_hist"].sum()) == 400 * 256 and whole["oh_bond_hist"].attrs["merge"] == "sum"
+    top = float(whole["oh_bond_hist"]["oh_bond_bin"][int(whole["oh_bond_hist"].argmax("oh_bond_bin"))])
+    assert 1.00 < top < 1.06 and int(whole["hoh_angle_hist"].sum()) == 400 * 128
     assert 3400 < float(whole["oh_spectrum_peak"].mean()) < 3800        # SPC/Fw O-H stretch
     assert 2.6 < float(whole["rdf"]["r"][whole["rdf"].sel(pair="O-O").mean("frame").argmax("r")]) < 2.9
     path = write_stats(lazy, tmp_path / "stats.zarr")
