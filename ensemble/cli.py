@@ -168,7 +168,7 @@ def cmd_demo(args) -> int:
         print(f"[3/5] ensemble: {len(ens.members)} members ({config})")
         summaries = run_ensemble(ens, out, client)
     print("[4/5] aggregating across members")
-    aggregate(ens, out, summaries)
+    doc = aggregate(ens, out, summaries)
     print((out / "summary.md").read_text())
     # the report: the reference vs one member of each model (tile 1, first seed, nearest 300 K)
     chosen = {}
@@ -181,8 +181,7 @@ def cmd_demo(args) -> int:
     write_report(out / "reference.stats.zarr", stores, out / "report", overwrite=True)
     print(f"[5/5] report of the reference vs {', '.join(m.id for m in chosen.values())}: {out / 'report'}")
     print((out / "report" / "scorecard.md").read_text().split("\n\nFigures")[0])
-    done = sum(s["status"] == "complete" for s in summaries)
-    print(f"demo finished in {time.perf_counter() - t_start:.0f} s: {done} of {len(summaries)} members complete; "
+    print(f"demo finished in {time.perf_counter() - t_start:.0f} s: {_outcome(summaries, doc)}; "
           f"see {out / 'summary.md'}, {out / 'figures'}, {out / 'report'}")
     return 0
 
@@ -310,12 +309,17 @@ def cmd_run(args) -> int:
     _validate(ens)                               # every member checked before any cluster starts
     with open_client(args.scheduler, args.workers) as client:
         summaries = run_ensemble(ens, args.out, client, retry_failed=args.retry_failed)
-    aggregate(ens, args.out, summaries)
+    doc = aggregate(ens, args.out, summaries)
     print((Path(args.out) / "summary.md").read_text())
-    done = sum(s["status"] == "complete" for s in summaries)
-    print(f"{done} of {len(summaries)} members complete; wrote {args.out}/aggregate.zarr, summary.md, summary.json, "
-          "figures/")
+    print(f"{_outcome(summaries, doc)}; wrote {args.out}/aggregate.zarr, summary.md, summary.json, figures/")
     return 0
+
+
+def _outcome(summaries: list[dict], doc: dict) -> str:
+    done = sum(s["status"] == "complete" for s in summaries)
+    failed = sum(g["failed"] for g in doc["groups"])
+    return (f"{done} of {len(summaries)} members complete, {failed} failed a stability criterion "
+            "(O-H > 2 Å, g(r) area > 3, or the run stopped)")
 
 
 def cmd_bench(args) -> int:
