@@ -301,12 +301,12 @@ def cmd_report(args) -> int:
 
 def cmd_run(args) -> int:
     from .cluster import open_client
-    from .runner import aggregate, load_ensemble, resolve_embedded, run_ensemble
+    from .runner import aggregate, load_ensemble, resolve_embedded, run_ensemble, validate
 
-    ens = resolve_embedded(load_ensemble(args.config), args.out)
+    ens = load_ensemble(args.config)
+    validate(ens)                    # every member checked before anything is written or a cluster starts
+    ens = resolve_embedded(ens, args.out)
     print(f"ensemble {ens.name}: {len(ens.members)} members, reference {ens.reference}", file=sys.stderr)
-    from .runner import _validate
-    _validate(ens)                               # every member checked before any cluster starts
     with open_client(args.scheduler, args.workers) as client:
         summaries = run_ensemble(ens, args.out, client, retry_failed=args.retry_failed)
     doc = aggregate(ens, args.out, summaries)

@@ -43,8 +43,8 @@ import numpy as np
 
 from . import __version__
 
-__all__ = ["Member", "Ensemble", "EnsembleError", "load_ensemble", "run_member", "run_ensemble", "member_status",
-           "check_transfer"]
+__all__ = ["Member", "Ensemble", "EnsembleError", "load_ensemble", "validate", "run_member", "run_ensemble",
+           "member_status", "check_transfer", "aggregate", "resolve_embedded", "reference_stats"]
 
 MEMBER_FIELDS = {"model": str, "steps": int, "dt_fs": float, "stride": int, "temperature_K": float, "seed": int,
                  "tile": int, "init_frame": int, "thermostat": str, "tau_fs": float,
@@ -205,7 +205,8 @@ def check_transfer(model, member: Member, init_box: np.ndarray) -> None:
                             f"({0.5 * box.min():.3f} Å); the model does not transfer to a tiled box")
 
 
-def _validate(ens: Ensemble) -> None:
+def validate(ens: Ensemble) -> None:
+    """Check every member (models load, stores open, frames exist, species known, box transfer)."""
     from .io.store import open_trajectory
     from .model import load_model
 
@@ -214,7 +215,11 @@ def _validate(ens: Ensemble) -> None:
     stores = {}
     for m in ens.members:
         if m.init_store not in stores:
-            stores[m.init_store] = open_trajectory(m.init_store)
+            if m.init_store == "embedded":
+                from .data import load_default
+                stores[m.init_store] = load_default()
+            else:
+                stores[m.init_store] = open_trajectory(m.init_store)
         ds = stores[m.init_store]
         n = ds.sizes["frame"]
         if not -n <= m.init_frame < n:
@@ -342,7 +347,7 @@ def run_ensemble(ens: Ensemble, out: str | Path, client, *, retry_failed: bool =
     out = Path(out)
     if ens.reference == "embedded" or any(m.init_store == "embedded" for m in ens.members):
         raise EnsembleError("resolve the embedded reference first (ensemble.runner.resolve_embedded)")
-    _validate(ens)
+    validate(ens)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"schema": "ensemble.run/1", "name": ens.name, "config": ens.source, "reference": ens.reference,
                 "window_fs": ens.window_fs, "members": [dict(asdict(m), id=m.id) for m in ens.members],

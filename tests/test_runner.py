@@ -201,3 +201,19 @@ def test_shipped_ensemble_configs_expand():
     demo = load_ensemble(root / "ensemble" / "data" / "demo-ensemble.toml")
     assert len(demo.members) == 10 and {m.tile for m in demo.members} == {1, 2}
     assert sum(m.model == "agent" for m in demo.members) == 2
+
+
+def test_run_command_refuses_a_non_transferable_member_before_writing_anything(tmp_path, capsys):
+    from ensemble.cli import main
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f"""[ensemble]
+reference = "embedded"
+[models]
+agent = "{MODELS / 'agent-paper.json'}"
+[grid]
+tile = [1, 2]
+""")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: member agent-T300-x2-s0-") and "paper mode" in err
+    assert not (tmp_path / "out").exists()
