@@ -594,9 +594,10 @@ def run_scalars(stats: xr.Dataset, n_blocks: int = 8) -> dict[str, tuple[str, st
     for s in stats["species"].values:
         rows[f"temperature_{s}"] = (f"temperature {s}", "K",
                                     block_average(stats["species_temperature"].sel(species=s).values, n_blocks))
-    for name, units in (("oh_bond_mean", "angstrom"), ("oh_bond_std", "angstrom"), ("hoh_angle_mean", "deg"),
-                        ("hoh_angle_std", "deg")):
-        rows[name] = (name.replace("_", " "), units, block_average(stats[name].values, n_blocks))
+    for name, label, units in (("oh_bond_mean", "O-H bond mean", "angstrom"), ("oh_bond_std", "O-H bond std", "angstrom"),
+                               ("hoh_angle_mean", "H-O-H angle mean", "deg"),
+                               ("hoh_angle_std", "H-O-H angle std", "deg")):
+        rows[name] = (label, units, block_average(stats[name].values, n_blocks))
     if "oh_spectrum_peak" in stats:
         peaks = stats["oh_spectrum_peak"].values
         rows["oh_stretch_peak"] = ("O-H stretch peak (bond spectrum)", "cm^-1", block_average(peaks, peaks.size))

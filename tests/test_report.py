@@ -28,7 +28,7 @@ def test_identical_runs_score_zero_and_a_stretched_bond_is_found(ref_stats):
     assert same["distances"]["oh_bond_wasserstein1_angstrom"] == 0.0
     assert same["distances"]["rdf_area_O-O_angstrom"] == pytest.approx(0.0, abs=1e-9)   # float32 g(r)
     assert not same["stability"]["failed"]
-    assert 1.02 < rows["oh bond mean"]["reference"] < 1.04 and rows["oh bond mean"]["reference_err"] > 0
+    assert 1.02 < rows["O-H bond mean"]["reference"] < 1.04 and rows["O-H bond mean"]["reference_err"] > 0
     assert {"temperature H", "temperature O", "O-H stretch peak (bond spectrum)", "H bend peak (VDOS)",
             "g(r) O-O peak position"} <= set(rows)
 
@@ -38,13 +38,13 @@ def test_identical_runs_score_zero_and_a_stretched_bond_is_found(ref_stats):
     card = compare(ref_stats, stretched)
     rows = {r["quantity"]: r for r in card["rows"]}
     mean = float(ref_stats["oh_bond_mean"].mean())
-    assert_allclose(rows["oh bond mean"]["difference"], 0.05 * mean, rtol=1e-12)
-    assert rows["oh bond mean"]["z"] > 3 and rows["temperature"]["difference"] == 0.0
+    assert_allclose(rows["O-H bond mean"]["difference"], 0.05 * mean, rtol=1e-12)
+    assert rows["O-H bond mean"]["z"] > 3 and rows["temperature"]["difference"] == 0.0
     # W1 between X and 1.05 X is 0.05 E[X] (quantile functions scale)
     assert_allclose(card["distances"]["oh_bond_wasserstein1_angstrom"], 0.05 * float(ref_stats["oh_bond"].mean()),
                     rtol=1e-3)
     md = format_scorecard({"stretched": card})
-    assert "| oh bond mean | angstrom |" in md and "**!**" in md
+    assert "| O-H bond mean | angstrom |" in md and "**!**" in md
 
 
 def test_distances_on_known_cases():
@@ -70,7 +70,7 @@ def test_analyze_and_report_from_the_command_line(tmp_path, capsys):
     doc = json.loads((tmp_path / "rep" / "scorecard.json").read_text())
     rows = {r["quantity"]: r for r in doc["models"]["b"]["rows"]}
     # two halves of one equilibrium run: the same liquid within its own noise
-    assert abs(rows["oh bond mean"]["difference"]) < 0.002 and abs(rows["hoh angle mean"]["difference"]) < 0.5
+    assert abs(rows["O-H bond mean"]["difference"]) < 0.002 and abs(rows["H-O-H angle mean"]["difference"]) < 0.5
     assert abs(rows["O-H stretch peak (bond spectrum)"]["difference"]) < 30
     for f in ("fig1_reference_kinetic_energy.png", "fig3_temperature.png", "fig4_oh_bond.png",
               "fig5_oh_bond_samples.png", "fig6_oh_spectrum.png", "fig7_hoh_angle.png", "rdf.png", "vdos.png"):
