@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -472,25 +470,17 @@ def write_ensemble_report(agg: xr.Dataset, reference: xr.Dataset | None, out: st
                           summaries: list[dict] | None = None, title: str = "ensemble") -> dict:
     """Write ``aggregate.zarr``, ``summary.json``, ``summary.md`` and ``figures/`` into ``out``
     (each atomically: a temporary path, then rename). Returns the summary document."""
+    from .io.store import atomic_output, atomic_write_text
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = ensemble_table(agg)
     ref = run_scalars(reference) if reference is not None else None
-    store = out / "aggregate.zarr"
-    tmp = out / f".aggregate.zarr.partial-{uuid.uuid4().hex[:8]}"
-    agg.to_zarr(tmp, mode="w", consolidated=False, zarr_format=3)
-    old = out / f".aggregate.zarr.old-{uuid.uuid4().hex[:8]}"
-    if store.exists():
-        store.rename(old)
-    tmp.rename(store)
-    shutil.rmtree(old, ignore_errors=True)
-    figdir = out / "figures"
-    figtmp = out / f".figures.partial-{uuid.uuid4().hex[:8]}"
-    figtmp.mkdir()
-    figures = _ensemble_figures(agg, reference, figtmp)
-    if figdir.exists():
-        shutil.rmtree(figdir)
-    figtmp.rename(figdir)
+    with atomic_output(out / "aggregate.zarr", overwrite=True) as tmp:
+        agg.to_zarr(tmp, mode="w", consolidated=False, zarr_format=3)
+    with atomic_output(out / "figures", overwrite=True) as tmp:
+        tmp.mkdir()
+        figures = _ensemble_figures(agg, reference, tmp)
     failures = [s for s in (summaries or []) if s.get("status") != "complete"]
     doc = {"schema": "ensemble.summary/1", "title": title, "created_by": f"ensemble {__version__}",
            "groups": rows, "reference": {k: {"label": v[0], "units": v[1], "mean": v[2][0], "err": v[2][1]}
@@ -505,9 +495,7 @@ def write_ensemble_report(agg: xr.Dataset, reference: xr.Dataset | None, out: st
     if failures:
         md += ["Failed members:", ""] + [f"- `{s['id']}`: {s['status']}: {s.get('error')}" for s in failures] + [""]
     md += ["Figures: " + ", ".join(f"[{f}](figures/{f})" for f in figures), ""]
-    for name, text in (("summary.json", json.dumps(_finite(doc), indent=1, default=_json_default, allow_nan=False)),
-                       ("summary.md", "\n".join(md))):
-        tmp_f = out / f".{name}.partial-{uuid.uuid4().hex[:8]}"
-        tmp_f.write_text(text + "\n")
-        tmp_f.rename(out / name)
+    atomic_write_text(out / "summary.json",
+                      json.dumps(_finite(doc), indent=1, default=_json_default, allow_nan=False) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     return doc

@@ -27,13 +27,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import shutil
 import sys
 import time
 import tomllib
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -267,7 +265,7 @@ def run_member(member: Member, out: str, window_fs: float = 100.0) -> dict:
 
 def _run_member(member: Member, out: Path, window_fs: float) -> dict:
     from .analysis import analyze, write_stats
-    from .io.store import open_trajectory
+    from .io.store import atomic_output, atomic_write_text, open_trajectory
     from .md import initial_state, simulate
     from .md.simulate import SimulationError
     from .model import load_model
@@ -278,25 +276,21 @@ def _run_member(member: Member, out: Path, window_fs: float) -> dict:
     model = load_model(member.model_path)
     init = initial_state(member.init_store, frame=member.init_frame, temperature_K=member.temperature_K,
                          seed=member.seed, tile_n=member.tile)
-    tmp = paths["store"].with_name(f".{paths['store'].name}.partial-{uuid.uuid4().hex[:8]}")
     error = None
-    try:
-        sim = simulate(model, init, steps=member.steps, dt_fs=member.dt_fs,
-                       temperature_K=member.temperature_K if member.thermostat == "nose-hoover" else None,
-                       stride=member.stride, tau_fs=member.tau_fs,
-                       max_force_ev_per_angstrom=member.max_force_ev_per_angstrom, out=tmp,
-                       write_forces=member.write_forces, checkpoint_every=max(member.steps, 1000),
-                       run_attrs={"ensemble_member": json.dumps(asdict(member))})
-        status, steps_done, atom_steps = "complete", sim.steps_done, sim.atom_steps_per_s
-    except SimulationError as exc:
-        status, error, steps_done, atom_steps = "failed", str(exc), None, None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # the store appears under its name only when the run has ended; a rerun of the same
+    # (deterministic) member replaces an earlier attempt's store
+    with atomic_output(paths["store"], overwrite=True) as tmp:
+        try:
+            sim = simulate(model, init, steps=member.steps, dt_fs=member.dt_fs,
+                           temperature_K=member.temperature_K if member.thermostat == "nose-hoover" else None,
+                           stride=member.stride, tau_fs=member.tau_fs,
+                           max_force_ev_per_angstrom=member.max_force_ev_per_angstrom, out=tmp,
+                           write_forces=member.write_forces, checkpoint_every=max(member.steps, 1000),
+                           run_attrs={"ensemble_member": json.dumps(asdict(member))})
+            status, steps_done, atom_steps = "complete", sim.steps_done, sim.atom_steps_per_s
+        except SimulationError as exc:       # the model blew up: keep what was written, status failed
+            status, error, steps_done, atom_steps = "failed", str(exc), None, None
     sim_s = time.perf_counter() - t0
-    if paths["store"].exists():
-        shutil.rmtree(paths["store"])          # an earlier attempt of the same (deterministic) member
-    tmp.rename(paths["store"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stats = analyze(open_trajectory(paths["store"]), window_fs=window_fs, source=str(paths["store"]))
@@ -306,9 +300,7 @@ def _run_member(member: Member, out: Path, window_fs: float) -> dict:
                "analyze_s": time.perf_counter() - t0 - sim_s, "seconds": time.perf_counter() - t0,
                "atom_steps_per_s": atom_steps, "warnings": sorted({str(w.message) for w in caught}),
                "worker": os.environ.get("DASK_WORKER_NAME", ""), "ensemble_version": __version__}
-    tmp_json = paths["summary"].with_name(f".{paths['summary'].name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp_json.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp_json.rename(paths["summary"])
+    atomic_write_text(paths["summary"], json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -348,13 +340,13 @@ def run_ensemble(ens: Ensemble, out: str | Path, client, *, retry_failed: bool =
     if ens.reference == "embedded" or any(m.init_store == "embedded" for m in ens.members):
         raise EnsembleError("resolve the embedded reference first (ensemble.runner.resolve_embedded)")
     validate(ens)
+    from .io.store import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"schema": "ensemble.run/1", "name": ens.name, "config": ens.source, "reference": ens.reference,
                 "window_fs": ens.window_fs, "members": [dict(asdict(m), id=m.id) for m in ens.members],
                 "created_by": f"ensemble {__version__} run"}
-    tmp = out / f".ensemble.json.partial-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.rename(out / "ensemble.json")
+    atomic_write_text(out / "ensemble.json", json.dumps(manifest, indent=1) + "\n")
 
     results: dict[str, dict] = {}
     todo = []

@@ -162,6 +162,18 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def atomic_write_text(out: str | Path, text: str) -> Path:
+    """Write a text file atomically: a temporary file beside ``out``, then rename over it."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def _frame_encoding(ds: xr.Dataset, chunk_frames: int) -> dict:
     enc = {}
     for name, var in ds.variables.items():
