@@ -26,13 +26,13 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .configfile import read_toml
 from .io.cp2k import ingest_cp2k
 from .io.cp2k_input import Section, read_input, render_input
 from .waterbox import build_water_box
@@ -83,12 +83,7 @@ class ReferenceConfig:
 def load_reference_config(path: str | Path) -> ReferenceConfig:
     """Read a reference TOML config; input paths are relative to the config's directory."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    raw = read_toml(path, "config", ConfigError)
 
     def need(table: dict, key: str, where: str, kind=None):
         if key not in table:

@@ -31,7 +31,6 @@ import os
 import shutil
 import sys
 import time
-import tomllib
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
+from .configfile import read_toml
 
 __all__ = ["Member", "Ensemble", "EnsembleError", "load_ensemble", "validate", "run_member", "run_ensemble",
            "member_status", "check_transfer", "aggregate", "resolve_embedded", "reference_stats"]
@@ -120,12 +120,7 @@ def load_ensemble(path: str | Path, *, reference: str | Path | None = None) -> E
     and are compared with.
     """
     path = Path(path)
-    if not path.is_file():
-        raise EnsembleError(f"{path}: no such ensemble config")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise EnsembleError(f"{path}: not valid TOML ({exc})") from None
+    raw = read_toml(path, "ensemble config", EnsembleError)
     unknown = set(raw) - {"ensemble", "models", "defaults", "grid", "members"}
     if unknown:
         raise EnsembleError(f"{path}: unknown table(s) {sorted(unknown)}; expected ensemble, models, defaults, "

@@ -7,13 +7,13 @@ Configuration (``configs/fit.toml``) is read here and passed on as plain argumen
 from __future__ import annotations
 
 import time
-import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..configfile import read_toml
 from .gram import SPLITS, Splits, accumulate_gram, backward_elimination, fit_joint, fit_species
 from ..invariants import WeightSet, orthorhombic_box, paper_weights
 from ..io.store import open_trajectory
@@ -52,12 +52,7 @@ def load_fit_config(path: str | Path | None, **overrides) -> FitConfig:
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: no such fit config")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML ({exc})") from None
+        raw = read_toml(path, "fit config", ValueError)
     fit = dict(raw.get("fit", {}))
     known = {"kind", "weights", "neighbour_mode", "cutoff_angstrom", "cutoff_width_angstrom", "ridge", "keep",
              "chunk_frames", "frame_stride"}
