@@ -39,6 +39,7 @@ from numba import njit
 from . import __version__
 from .invariants import orthorhombic_box, pair_geometry
 from .units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
+from .errors import UserError
 
 __all__ = ["Molecules", "assign_molecules", "oh_bonds", "hoh_angles", "species_temperature", "MERGE", "merge",
            "AssignmentWarning", "rdf", "species_pairs", "power_spectrum", "spectral_peak", "peak_position", "oh_spectrum", "vdos",
@@ -62,7 +63,7 @@ OH_STRETCH_BAND = (2500.0, 4500.0)         #: cm^-1, where the O-H stretch peak 
 STATS_CHUNK_FRAMES = 1024                  #: frames per chunk in a statistics store
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
     """A store cannot be analysed as asked (too few frames, uneven time axis, ...)."""
 
 

@@ -13,10 +13,9 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .errors import DynamicsError, UsageError, UserError
 
 
-class UsageError(ValueError):
-    """A command-line argument is malformed."""
 
 
 def _parse_masses(text: str | None) -> dict[str, float] | None:
@@ -478,27 +477,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .analysis import AnalysisError
-    from .io.cp2k import IngestError
-    from .io.cp2k_input import InputError
-    from .io.store import StoreError
-    from .md.simulate import SimulationError
-    from .model import ModelError
-    from .reference import ConfigError, Cp2kFailed, Cp2kNotFound
-    from .report import ReportError
-    from .runner import EnsembleError
-
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ModelError, IngestError, InputError, StoreError, ConfigError, Cp2kFailed, Cp2kNotFound,
-            AnalysisError, ReportError, EnsembleError, FileExistsError, FileNotFoundError) as exc:
+    except DynamicsError as exc:
+        print(f"error: {exc} (frames written before it are kept)", file=sys.stderr)
+        return exc.exit_code
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except SimulationError as exc:
-        print(f"error: {exc} (frames written before it are kept)", file=sys.stderr)
-        return 3
     except KeyboardInterrupt as exc:
         print(f"\ninterrupted. {exc}", file=sys.stderr)
         return 130

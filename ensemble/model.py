@@ -25,6 +25,7 @@ from numba import njit
 from . import __version__
 from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, neighbour_pairs, pair_geometry, species_index)
 from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
+from .errors import UserError
 
 __all__ = ["Model", "ModelError", "load_model", "conservative_forces"]
 
@@ -32,7 +33,7 @@ KINDS = ("agent", "conservative")
 FORMAT = "ensemble.model/1"
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model file is malformed or does not fit the configuration it is applied to."""
 
 

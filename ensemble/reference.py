@@ -36,20 +36,21 @@ from .configfile import read_toml
 from .io.cp2k import ingest_cp2k
 from .io.cp2k_input import Section, read_input, render_input
 from .waterbox import build_water_box
+from .errors import UserError
 
 __all__ = ["ReferenceConfig", "Cp2kNotFound", "Cp2kFailed", "load_reference_config", "find_cp2k",
            "run_reference", "truncate_outputs"]
 
 
-class Cp2kNotFound(RuntimeError):
+class Cp2kNotFound(UserError, RuntimeError):
     """No CP2K executable on this machine."""
 
 
-class Cp2kFailed(RuntimeError):
+class Cp2kFailed(UserError, RuntimeError):
     """CP2K exited with an error."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A reference config is malformed."""
 
 

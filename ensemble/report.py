@@ -20,11 +20,12 @@ import xarray as xr
 
 from . import __version__
 from .analysis import STATS_SCHEMA, analyze, open_stats, rdf_area, run_scalars, time_to_failure
+from .errors import UserError
 
 __all__ = ["load_stats", "compare", "format_scorecard", "write_report", "wasserstein1", "spectrum_distance",
            "ReportError", "ensemble_table", "format_ensemble_table", "write_ensemble_report"]
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """Inputs that cannot be compared (missing store, different species, ...)."""
 
 

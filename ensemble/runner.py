@@ -40,6 +40,7 @@ import numpy as np
 
 from . import __version__
 from .configfile import read_toml
+from .errors import UserError
 
 __all__ = ["Member", "Ensemble", "EnsembleError", "load_ensemble", "validate", "run_member", "run_ensemble",
            "member_status", "check_transfer", "aggregate", "resolve_embedded", "reference_stats"]
@@ -53,7 +54,7 @@ DEFAULTS = {"steps": 1000, "dt_fs": 0.5, "stride": 4, "temperature_K": 300.0, "s
 THERMOSTATS = ("nose-hoover", "nve")
 
 
-class EnsembleError(ValueError):
+class EnsembleError(UserError, ValueError):
     """A bad ensemble config or member, found before anything runs."""
 
 

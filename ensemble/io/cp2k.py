@@ -36,6 +36,7 @@ from ..units import (
 from . import xyz_kernels as K
 from .cp2k_input import InputError, cell_from_input, masses_from_input, read_input
 from .store import atomic_output, create_store, default_chunk_frames, frame_block, with_static, write_frames
+from ..errors import UserError
 
 __all__ = ["IngestError", "Cp2kFiles", "XyzIndex", "find_cp2k_files", "index_xyz", "read_frames",
            "read_ener", "read_cell_file", "ingest_cp2k", "IngestReport"]
@@ -46,7 +47,7 @@ BLOCK_BYTES = 32 * 2**20
 KE_REL_TOLERANCE = 1e-3
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """Input files are missing, inconsistent or malformed. The message names the file and line."""
 
 

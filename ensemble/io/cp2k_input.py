@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from ..units import BOHR_ANGSTROM
+from ..errors import UserError
 
 __all__ = ["Section", "parse_input", "read_input", "cell_from_input", "masses_from_input"]
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A CP2K input file could not be understood."""
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import xarray as xr
 
 from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
+from ..errors import UserError
 
 SCHEMA = "ensemble.trajectory/1"
 
@@ -66,7 +67,7 @@ UNITS = {
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store is missing, malformed, or would overwrite something."""
 
 

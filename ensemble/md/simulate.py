@@ -33,12 +33,13 @@ from ..io.store import frame_block, open_trajectory, with_static
 from ..model import Model
 from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
 from .integrators import ChainState, MDState, kinetic_energy, maxwell_boltzmann, nhc_invariant, \
+from ..errors import DynamicsError
     nose_hoover_chain, remove_com_velocity, velocity_verlet
 
 __all__ = ["InitialState", "initial_state", "tile", "SimulationError", "simulate", "SimulationSummary"]
 
 
-class SimulationError(RuntimeError):
+class SimulationError(DynamicsError):
     """The model blew up (non-finite values, runaway temperature); the message says at which step."""
 
 
