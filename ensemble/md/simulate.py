@@ -29,11 +29,11 @@ import xarray as xr
 import zarr
 
 from .. import __version__
+from ..errors import DynamicsError
 from ..io.store import frame_block, open_trajectory, with_static
 from ..model import Model
 from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
 from .integrators import ChainState, MDState, kinetic_energy, maxwell_boltzmann, nhc_invariant, \
-from ..errors import DynamicsError
     nose_hoover_chain, remove_com_velocity, velocity_verlet
 
 __all__ = ["InitialState", "initial_state", "tile", "SimulationError", "simulate", "SimulationSummary"]
