@@ -46,6 +46,12 @@ def warm_kernels() -> str:
                           (np.zeros((n, n)), np.zeros((n, n))), cutoff_angstrom=cutoff)
             model.force_fn(box, np.array(["O", "H", "H"]))(pos)
     rdf_counts_kernel(pos[None], box, sp, np.array([[0, 1], [1, 2]]), 3.0, 10)
+    # angular invariants: features, Jacobian and vector-Jacobian product
+    from .angular import angular_frame, angular_vjp, default_angular_basis
+
+    arr = default_angular_basis(3.0).arrays(2)
+    fr = angular_frame(pos, box, sp, arr, jacobian=True)
+    angular_vjp(fr.start, fr.nb, fr.geo, sp, fr.t, fr.x, True, *arr.args())
     return "warm"
 
 

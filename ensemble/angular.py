@@ -1,0 +1,598 @@
+"""Angular (three-body) invariants and their radial two-body companions, with analytic derivatives.
+
+For atom k, source species a, b, radial functions n, m and Legendre order l::
+
+    rho[k, a, n]              = sum_{i of a} R_n(d_ki)
+    psi[k, (a, b), (n, m), l] = sum_{i of a, j of b, i != j} R_n(d_ki) R_m(d_kj) P_l(cos theta_ikj)
+
+with R_n(r) = exp(-(r - mu_n)^2 / (2 sigma_n^2)) fc(r), fc the smooth cutoff of
+:func:`ensemble.invariants.pair_geometry` (1 below r_c - width, smoothstep to 0 at r_c), and
+theta_ikj the angle at k between the minimum-image bonds to i and j. ``couplings="diagonal"``
+keeps n = m (the issue's psi[k, (a, b), n, l]); ``"all"`` every (n, m) (n <= m when a = b,
+where (n, m) and (m, n) give the same sum).
+
+Never the double loop over neighbour pairs: with u = (q_k - q_i) / d_ki and the Cartesian
+moment tensors T[a, n, alpha] = sum_{i of a} R_n(d_ki) u_i^alpha over the monomials alpha
+of degree p <= l_max (stored once per symmetric index, with multinomial weights w_alpha),
+
+    sum_{i of a, j of b} R_n R_m (u_i . u_j)^p = sum_{|alpha| = p} w_alpha T[a, n, alpha] T[b, m, alpha],
+
+P_l(x) = sum_p c_lp x^p and the i = j terms (a = b) are sum_i R_n R_m (P_l(1) = 1): O(neighbours)
+per atom. Derivatives by the chain rule through T (d u / d q_k = (1 - u u^T) / d, and the
+homogeneous polynomial g_p(u) = sum_alpha w_alpha X_alpha u^alpha has u . grad g_p = p g_p).
+
+Kernels work on a neighbour list in CSR form built from candidate pairs (k < i): entry e of
+atom k has neighbour nb[e] and the geometry of d = q_k - q_nb (minimum image). Derivatives are
+taken w.r.t. that d: the derivative w.r.t. q_k of entry e's contribution, minus that w.r.t.
+q_nb[e]. Feature order (Q = S * N + n_channels * (l_max + 1)): rho[a * N + n], then
+psi[S * N + channel * (l_max + 1) + l], channels (a <= b, n, m) in :meth:`AngularBasis.channels`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import factorial
+
+import numpy as np
+from numba import njit
+
+import xarray as xr
+
+from .invariants import check_cutoff, neighbour_pairs, orthorhombic_box, pair_geometry, species_index
+
+__all__ = ["AngularBasis", "AngularArrays", "AngularFrame", "default_angular_basis", "angular_frame",
+           "angular_features", "angular_jacobian", "angular_vjp", "neighbour_csr", "angular_dataset"]
+
+COUPLINGS = ("diagonal", "all")
+
+
+@dataclass(frozen=True)
+class AngularBasis:
+    """Radial Gaussians (centres ``mu_angstrom``, widths ``sigma_angstrom``) under a smooth cutoff
+    (``cutoff_angstrom``, switched off over the last ``cutoff_width_angstrom``), Legendre orders
+    0..``l_max``, and which radial pairs (n, m) enter psi (``couplings``)."""
+
+    mu_angstrom: tuple[float, ...]
+    sigma_angstrom: tuple[float, ...]
+    cutoff_angstrom: float
+    cutoff_width_angstrom: float = 1.0
+    l_max: int = 4
+    couplings: str = "diagonal"
+
+    def __post_init__(self):
+        mu, sg = tuple(float(x) for x in self.mu_angstrom), tuple(float(x) for x in self.sigma_angstrom)
+        object.__setattr__(self, "mu_angstrom", mu)
+        object.__setattr__(self, "sigma_angstrom", sg)
+        if len(mu) != len(sg) or not mu:
+            raise ValueError(f"angular basis: need as many centres as widths, at least one; got {len(mu)} and {len(sg)}")
+        if any(not s > 0 for s in sg) or any(not np.isfinite(m) or m < 0 for m in mu):
+            raise ValueError(f"angular basis: widths must be > 0 and centres >= 0 (Å); got {mu}, {sg}")
+        if not 0 < self.cutoff_width_angstrom <= self.cutoff_angstrom:
+            raise ValueError(f"angular basis: need 0 < cutoff_width_angstrom <= cutoff_angstrom, got "
+                             f"{self.cutoff_width_angstrom} and {self.cutoff_angstrom}")
+        if not 0 <= int(self.l_max) <= 8 or int(self.l_max) != self.l_max:
+            raise ValueError(f"angular basis: l_max must be an integer in 0..8, got {self.l_max}")
+        if self.couplings not in COUPLINGS:
+            raise ValueError(f"angular basis: couplings must be one of {COUPLINGS}, got {self.couplings!r}")
+
+    @property
+    def n_radial(self) -> int:
+        return len(self.mu_angstrom)
+
+    def channels(self, n_species: int) -> np.ndarray:
+        """(n_channels, 4) int64 rows (a, b, n, m): species pairs a <= b, radial pairs (n, m)."""
+        nr = self.n_radial
+        out = []
+        for a in range(n_species):
+            for b in range(a, n_species):
+                for n in range(nr):
+                    for m in range(nr):
+                        if self.couplings == "diagonal" and m != n:
+                            continue
+                        if a == b and m < n:
+                            continue
+                        out.append((a, b, n, m))
+        return np.array(out, dtype=np.int64).reshape(-1, 4)
+
+    def n_features(self, n_species: int) -> int:
+        return n_species * self.n_radial + len(self.channels(n_species)) * (self.l_max + 1)
+
+    def feature_labels(self, species: list[str] | tuple[str, ...]) -> list[str]:
+        s = list(species)
+        out = [f"rho[{s[a]}, R{n}]" for a in range(len(s)) for n in range(self.n_radial)]
+        for a, b, n, m in self.channels(len(s)):
+            for l in range(self.l_max + 1):
+                out.append(f"psi[{s[a]}{s[b]}, R{n}R{m}, l={l}]")
+        return out
+
+    def feature_radials(self, n_species: int) -> list[tuple[int, ...]]:
+        """The radial functions each feature depends on (for backward elimination by radial function)."""
+        out = [(n,) for _ in range(n_species) for n in range(self.n_radial)]
+        for a, b, n, m in self.channels(n_species):
+            out += [tuple(sorted({int(n), int(m)}))] * (self.l_max + 1)
+        return out
+
+    def subset(self, keep) -> "AngularBasis":
+        keep = sorted(keep)
+        return AngularBasis(tuple(self.mu_angstrom[i] for i in keep), tuple(self.sigma_angstrom[i] for i in keep),
+                            self.cutoff_angstrom, self.cutoff_width_angstrom, self.l_max, self.couplings)
+
+    def labels(self) -> list[str]:
+        return [f"R(mu={m:g}, sigma={s:g})" for m, s in zip(self.mu_angstrom, self.sigma_angstrom)]
+
+    def arrays(self, n_species: int) -> "AngularArrays":
+        return AngularArrays.of(self, n_species)
+
+    def to_json(self) -> dict:
+        return {"radial": "gaussian exp(-(r - mu)^2 / (2 sigma^2)) * fc(r)", "mu_angstrom": list(self.mu_angstrom),
+                "sigma_angstrom": list(self.sigma_angstrom), "cutoff_angstrom": self.cutoff_angstrom,
+                "cutoff_width_angstrom": self.cutoff_width_angstrom, "l_max": int(self.l_max),
+                "couplings": self.couplings}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AngularBasis":
+        try:
+            return cls(tuple(d["mu_angstrom"]), tuple(d["sigma_angstrom"]), float(d["cutoff_angstrom"]),
+                       float(d.get("cutoff_width_angstrom", 1.0)), int(d.get("l_max", 4)),
+                       str(d.get("couplings", "diagonal")))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"angular basis must be {{mu_angstrom: [...], sigma_angstrom: [...], cutoff_angstrom: x, "
+                             f"...}}: {exc!r}") from None
+
+
+def default_angular_basis(cutoff_angstrom: float = 4.5) -> AngularBasis:
+    """The default basis (chosen by measurement, see README "Many-body model"): Gaussians 0.35 Å
+    wide at 0.9 .. 1.5 Å (the O-H bond and the intramolecular H...H at ~1.5 Å), 0.4 Å wide over
+    1.8 .. 3.4 Å (hydrogen bonds: O...H ~1.8 Å, O...O ~2.8 Å) and a broad one at 4 Å; l <= 4."""
+    mu = (0.95, 1.5, 1.9, 2.35, 2.8, 3.3, 4.0)
+    sigma = (0.3, 0.3, 0.3, 0.35, 0.35, 0.4, 0.5)
+    return AngularBasis(mu, sigma, cutoff_angstrom, 1.0, 4, "diagonal")
+
+
+@dataclass(frozen=True)
+class AngularArrays:
+    """Kernel arguments of a basis for ``n_species`` species (arrays only, built once)."""
+
+    mu: np.ndarray            # (N,) Å
+    sigma: np.ndarray         # (N,) Å
+    cutoff: float
+    width: float
+    l_max: int
+    mono: np.ndarray          # (n_mono, 3) int64 exponents, ordered by degree p
+    mono_p: np.ndarray        # (n_mono,) int64 degree
+    mono_w: np.ndarray        # (n_mono,) multinomial weight p! / (a! b! c!)
+    leg: np.ndarray           # (l_max + 1, l_max + 1): P_l(x) = sum_p leg[l, p] x^p
+    channels: np.ndarray      # (n_channels, 4) int64 (a, b, n, m)
+    n_species: int
+
+    @classmethod
+    def of(cls, basis: AngularBasis, n_species: int) -> "AngularArrays":
+        from numpy.polynomial import legendre
+
+        mono, mono_p, mono_w = [], [], []
+        for p in range(basis.l_max + 1):
+            for a in range(p, -1, -1):
+                for b in range(p - a, -1, -1):
+                    c = p - a - b
+                    mono.append((a, b, c))
+                    mono_p.append(p)
+                    mono_w.append(factorial(p) / (factorial(a) * factorial(b) * factorial(c)))
+        lm = basis.l_max
+        leg = np.zeros((lm + 1, lm + 1))
+        for l in range(lm + 1):
+            c = legendre.leg2poly([0.0] * l + [1.0])
+            leg[l, :len(c)] = c
+        return cls(np.asarray(basis.mu_angstrom, float), np.asarray(basis.sigma_angstrom, float),
+                   float(basis.cutoff_angstrom), float(basis.cutoff_width_angstrom), int(lm),
+                   np.array(mono, dtype=np.int64), np.array(mono_p, dtype=np.int64), np.array(mono_w, float), leg,
+                   basis.channels(n_species), int(n_species))
+
+    @property
+    def n_features(self) -> int:
+        return self.n_species * self.mu.shape[0] + self.channels.shape[0] * (self.l_max + 1)
+
+    def args(self):
+        """Positional kernel arguments after (pos, box, species)."""
+        return (self.n_species, self.mu, self.sigma, self.cutoff, self.width, self.l_max, self.mono, self.mono_p,
+                self.mono_w, self.leg, self.channels)
+
+
+# --------------------------------------------------------------------------- kernels
+@njit(cache=True)
+def neighbour_csr(pairs, pos, box, cutoff, width, n):
+    """Both directions of the candidate pairs (k < i) closer than ``cutoff``, grouped by atom.
+
+    Returns start (n + 1,), nb (E,), geo (E, 6): d = q_k - q_nb (3), |d|, fc(|d|), dfc/dr.
+    """
+    cnt = np.zeros(n + 1, np.int64)
+    keep = np.zeros(pairs.shape[0], np.bool_)
+    geo_q = np.empty((pairs.shape[0], 6))
+    for q in range(pairs.shape[0]):
+        k = pairs[q, 0]
+        i = pairs[q, 1]
+        inside, dx, dy, dz, r, fc, dfc = pair_geometry(k, i, pos, box, cutoff, width)
+        if not inside:
+            continue
+        keep[q] = True
+        geo_q[q, 0] = dx
+        geo_q[q, 1] = dy
+        geo_q[q, 2] = dz
+        geo_q[q, 3] = r
+        geo_q[q, 4] = fc
+        geo_q[q, 5] = dfc
+        cnt[k + 1] += 1
+        cnt[i + 1] += 1
+    for k in range(n):
+        cnt[k + 1] += cnt[k]
+    start = cnt.copy()
+    fill = cnt[:n].copy()
+    nb = np.empty(start[n], np.int64)
+    geo = np.empty((start[n], 6))
+    for q in range(pairs.shape[0]):
+        if not keep[q]:
+            continue
+        k = pairs[q, 0]
+        i = pairs[q, 1]
+        e = fill[k]
+        fill[k] += 1
+        nb[e] = i
+        for c in range(6):
+            geo[e, c] = geo_q[q, c]
+        e = fill[i]
+        fill[i] += 1
+        nb[e] = k
+        for c in range(3):
+            geo[e, c] = -geo_q[q, c]
+        for c in range(3, 6):
+            geo[e, c] = geo_q[q, c]
+    return start, nb, geo
+
+
+@njit(cache=True)
+def _radial(mu, sigma, r, fc, dfc, rad, drad):
+    for n in range(mu.shape[0]):
+        x = (r - mu[n]) / sigma[n]
+        g = np.exp(-0.5 * x * x)
+        rad[n] = g * fc
+        drad[n] = g * (dfc - x / sigma[n] * fc)
+
+
+@njit(cache=True)
+def _monomials(u0, u1, u2, l_max, mono, um, dum):
+    """u^alpha and its gradient (unconstrained in u) for every monomial alpha."""
+    pw = np.empty((3, l_max + 1))
+    pw[0, 0] = 1.0
+    pw[1, 0] = 1.0
+    pw[2, 0] = 1.0
+    for e in range(1, l_max + 1):
+        pw[0, e] = pw[0, e - 1] * u0
+        pw[1, e] = pw[1, e - 1] * u1
+        pw[2, e] = pw[2, e - 1] * u2
+    for t in range(mono.shape[0]):
+        a = mono[t, 0]
+        b = mono[t, 1]
+        c = mono[t, 2]
+        um[t] = pw[0, a] * pw[1, b] * pw[2, c]
+        dum[t, 0] = a * pw[0, a - 1] * pw[1, b] * pw[2, c] if a > 0 else 0.0
+        dum[t, 1] = b * pw[0, a] * pw[1, b - 1] * pw[2, c] if b > 0 else 0.0
+        dum[t, 2] = c * pw[0, a] * pw[1, b] * pw[2, c - 1] if c > 0 else 0.0
+
+
+@njit(cache=True)
+def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p, mono_w, leg,
+                     channels):
+    """Features x (N, Q) and the moment tensors T (N, S, N_r, n_mono) and diagonal sums
+    Dg (N, S, N_r, N_r) = sum_{i of a} R_n R_m, from a neighbour list in CSR form."""
+    n = start.shape[0] - 1
+    nr = mu.shape[0]
+    nm = mono.shape[0]
+    nl = l_max + 1
+    nch = channels.shape[0]
+    q = n_species * nr + nch * nl
+    x = np.zeros((n, q))
+    t_all = np.zeros((n, n_species, nr, nm))
+    dg_all = np.zeros((n, n_species, nr, nr))
+    rad = np.empty(nr)
+    drad = np.empty(nr)
+    um = np.empty(nm)
+    dum = np.empty((nm, 3))
+    s_p = np.empty(nl)
+    for k in range(n):
+        t = t_all[k]
+        dg = dg_all[k]
+        for e in range(start[k], start[k + 1]):
+            a = species[nb[e]]
+            r = geo[e, 3]
+            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, drad)
+            _monomials(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, um, dum)
+            for nn in range(nr):
+                rn = rad[nn]
+                if rn == 0.0:
+                    continue
+                for tt in range(nm):
+                    t[a, nn, tt] += rn * um[tt]
+                for mm in range(nr):
+                    dg[a, nn, mm] += rn * rad[mm]
+        for a in range(n_species):
+            for nn in range(nr):
+                x[k, a * nr + nn] = t[a, nn, 0]
+        for c in range(nch):
+            a = channels[c, 0]
+            b = channels[c, 1]
+            nn = channels[c, 2]
+            mm = channels[c, 3]
+            for p in range(nl):
+                s_p[p] = 0.0
+            for tt in range(nm):
+                s_p[mono_p[tt]] += mono_w[tt] * t[a, nn, tt] * t[b, mm, tt]
+            diag = dg[a, nn, mm] if a == b else 0.0
+            base = n_species * nr + c * nl
+            for l in range(nl):
+                v = 0.0
+                for p in range(l + 1):
+                    v += leg[l, p] * s_p[p]
+                x[k, base + l] = v - diag
+    return x, t_all, dg_all
+
+
+@njit(cache=True)
+def angular_jacobian(start, nb, geo, species, t_all, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p, mono_w,
+                     leg, channels):
+    """J (E, Q, 3): derivative of atom k's features w.r.t. d = q_k - q_nb[e] of each CSR entry e of k
+    (= d x[k] / d q_k from that neighbour; d x[k] / d q_nb[e] = -J[e])."""
+    n = start.shape[0] - 1
+    nr = mu.shape[0]
+    nm = mono.shape[0]
+    nl = l_max + 1
+    nch = channels.shape[0]
+    q = n_species * nr + nch * nl
+    jac = np.zeros((start[n], q, 3))
+    rad = np.empty(nr)
+    drad = np.empty(nr)
+    um = np.empty(nm)
+    dum = np.empty((nm, 3))
+    # g[b, m, p] = sum_{|alpha|=p} w T[b, m, alpha] u^alpha and its gradient in u
+    g = np.empty((n_species, nr, nl))
+    dgv = np.empty((n_species, nr, nl, 3))
+    ds = np.empty((nl, 3))
+    for k in range(n):
+        t = t_all[k]
+        for e in range(start[k], start[k + 1]):
+            si = species[nb[e]]
+            r = geo[e, 3]
+            u0 = geo[e, 0] / r
+            u1 = geo[e, 1] / r
+            u2 = geo[e, 2] / r
+            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, drad)
+            _monomials(u0, u1, u2, l_max, mono, um, dum)
+            g[:] = 0.0
+            dgv[:] = 0.0
+            for b in range(n_species):
+                for mm in range(nr):
+                    for tt in range(nm):
+                        w = mono_w[tt] * t[b, mm, tt]
+                        p = mono_p[tt]
+                        g[b, mm, p] += w * um[tt]
+                        dgv[b, mm, p, 0] += w * dum[tt, 0]
+                        dgv[b, mm, p, 1] += w * dum[tt, 1]
+                        dgv[b, mm, p, 2] += w * dum[tt, 2]
+            # rho
+            for nn in range(nr):
+                f = si * nr + nn
+                jac[e, f, 0] = drad[nn] * u0
+                jac[e, f, 1] = drad[nn] * u1
+                jac[e, f, 2] = drad[nn] * u2
+            for c in range(nch):
+                a = channels[c, 0]
+                b = channels[c, 1]
+                if a != si and b != si:
+                    continue
+                nn = channels[c, 2]
+                mm = channels[c, 3]
+                ds[:] = 0.0
+                for side in range(2):
+                    # side 0: T[a, n] moves (if a == si), contracted with T[b, m]; side 1: T[b, m] with T[a, n]
+                    if side == 0:
+                        if a != si:
+                            continue
+                        ro, dro, ob, om = rad[nn], drad[nn], b, mm
+                    else:
+                        if b != si:
+                            continue
+                        ro, dro, ob, om = rad[mm], drad[mm], a, nn
+                    for p in range(nl):
+                        gp = g[ob, om, p]
+                        ds[p, 0] += dro * u0 * gp + ro / r * (dgv[ob, om, p, 0] - p * gp * u0)
+                        ds[p, 1] += dro * u1 * gp + ro / r * (dgv[ob, om, p, 1] - p * gp * u1)
+                        ds[p, 2] += dro * u2 * gp + ro / r * (dgv[ob, om, p, 2] - p * gp * u2)
+                dd = 0.0
+                if a == b:          # i = j terms removed: d(R_n R_m)/dr
+                    dd = drad[nn] * rad[mm] + rad[nn] * drad[mm]
+                base = n_species * nr + c * nl
+                for l in range(nl):
+                    v0 = -dd * u0
+                    v1 = -dd * u1
+                    v2 = -dd * u2
+                    for p in range(l + 1):
+                        cl = leg[l, p]
+                        v0 += cl * ds[p, 0]
+                        v1 += cl * ds[p, 1]
+                        v2 += cl * ds[p, 2]
+                    jac[e, base + l, 0] = v0
+                    jac[e, base + l, 1] = v1
+                    jac[e, base + l, 2] = v2
+    return jac
+
+
+@njit(cache=True)
+def angular_vjp(start, nb, geo, species, t_all, dh, conservative, n_species, mu, sigma, cutoff, width, l_max, mono,
+                mono_p, mono_w, leg, channels):
+    """Forces (N, 3) from dh[k, f] = dE/dx_f[k] (only the angular block, (N, Q)) without the Jacobian.
+
+    Conservative: -sum_k dh[k] . d x[k] / dq on every atom; agent: on atom k only its own features'
+    term, -dh[k] . d x[k] / d q_k.
+    """
+    n = start.shape[0] - 1
+    nr = mu.shape[0]
+    nm = mono.shape[0]
+    nl = l_max + 1
+    nch = channels.shape[0]
+    f_out = np.zeros((n, 3))
+    gadj = np.empty((n_species, nr, nm))     # dE_k / dT[a, n, alpha]
+    wdiag = np.empty((n_species, nr, nr))    # dE_k / dDg[a, n, m]
+    wp = np.empty(nl)
+    rad = np.empty(nr)
+    drad = np.empty(nr)
+    um = np.empty(nm)
+    dum = np.empty((nm, 3))
+    for k in range(n):
+        if start[k] == start[k + 1]:
+            continue
+        t = t_all[k]
+        gadj[:] = 0.0
+        wdiag[:] = 0.0
+        for a in range(n_species):
+            for nn in range(nr):
+                gadj[a, nn, 0] += dh[k, a * nr + nn]
+        for c in range(nch):
+            a = channels[c, 0]
+            b = channels[c, 1]
+            nn = channels[c, 2]
+            mm = channels[c, 3]
+            base = n_species * nr + c * nl
+            tot = 0.0
+            for p in range(nl):
+                wp[p] = 0.0
+            for l in range(nl):
+                h = dh[k, base + l]
+                tot += h
+                for p in range(l + 1):
+                    wp[p] += h * leg[l, p]
+            if a == b:
+                wdiag[a, nn, mm] -= tot
+            for tt in range(nm):
+                w = wp[mono_p[tt]] * mono_w[tt]
+                gadj[a, nn, tt] += w * t[b, mm, tt]
+                gadj[b, mm, tt] += w * t[a, nn, tt]
+        v = np.zeros(3)
+        for e in range(start[k], start[k + 1]):
+            si = species[nb[e]]
+            r = geo[e, 3]
+            u0 = geo[e, 0] / r
+            u1 = geo[e, 1] / r
+            u2 = geo[e, 2] / r
+            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, drad)
+            _monomials(u0, u1, u2, l_max, mono, um, dum)
+            radial_u = 0.0        # coefficient of u
+            v0 = 0.0
+            v1 = 0.0
+            v2 = 0.0
+            for nn in range(nr):
+                sg = 0.0
+                spg = 0.0
+                d0 = 0.0
+                d1 = 0.0
+                d2 = 0.0
+                for tt in range(nm):
+                    gw = gadj[si, nn, tt]
+                    if gw == 0.0:
+                        continue
+                    sg += gw * um[tt]
+                    spg += mono_p[tt] * gw * um[tt]
+                    d0 += gw * dum[tt, 0]
+                    d1 += gw * dum[tt, 1]
+                    d2 += gw * dum[tt, 2]
+                dw = 0.0
+                for mm in range(nr):
+                    # Dg[a, n, m] = sum R_n R_m is stored for n <= m channels only
+                    wd = wdiag[si, nn, mm]
+                    if wd != 0.0:
+                        dw += wd * (drad[nn] * rad[mm] + rad[nn] * drad[mm])
+                radial_u += drad[nn] * sg - rad[nn] / r * spg + dw
+                v0 += rad[nn] / r * d0
+                v1 += rad[nn] / r * d1
+                v2 += rad[nn] / r * d2
+            v[0] = radial_u * u0 + v0
+            v[1] = radial_u * u1 + v1
+            v[2] = radial_u * u2 + v2
+            # v = dE_k / dd_e: dE_k/dq_k += v, dE_k/dq_i -= v
+            f_out[k, 0] -= v[0]
+            f_out[k, 1] -= v[1]
+            f_out[k, 2] -= v[2]
+            if conservative:
+                i = nb[e]
+                f_out[i, 0] += v[0]
+                f_out[i, 1] += v[1]
+                f_out[i, 2] += v[2]
+    return f_out
+
+
+# --------------------------------------------------------------------------- frame and dataset wrappers
+@dataclass(frozen=True)
+class AngularFrame:
+    """Angular features of one frame and what their derivatives need: ``x`` (N, Q), the CSR
+    neighbour list (``start``, ``nb``, ``geo``), the moments ``t`` and, if asked, ``jac`` (E, Q, 3)."""
+
+    x: np.ndarray
+    start: np.ndarray
+    nb: np.ndarray
+    geo: np.ndarray
+    t: np.ndarray
+    jac: np.ndarray | None = None
+
+    def self_gradient(self) -> np.ndarray:
+        """d x[k] / d q_k (N, Q, 3) with all other atoms fixed (the agent kind's gradient)."""
+        out = np.zeros(self.x.shape + (3,))
+        owner = np.repeat(np.arange(self.x.shape[0]), np.diff(self.start))
+        np.add.at(out, owner, self.jac)
+        return out
+
+
+def angular_frame(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, arr: AngularArrays,
+                  pairs: np.ndarray | None = None, jacobian: bool = False) -> AngularFrame:
+    """Angular features of one frame (positions (N, 3) Å, orthorhombic box (3,) Å, species codes (N,)).
+
+    ``pairs``: candidate pairs (k < i) that include every pair within the cutoff (default: cell lists).
+    """
+    pos = np.ascontiguousarray(pos, dtype=float)
+    box = np.asarray(box, dtype=float)
+    if pairs is None:
+        pairs = neighbour_pairs(pos, box, arr.cutoff)
+    start, nb, geo = neighbour_csr(pairs, pos, box, arr.cutoff, arr.width, pos.shape[0])
+    x, t, _ = angular_features(start, nb, geo, codes, *arr.args())
+    jac = angular_jacobian(start, nb, geo, codes, t, *arr.args()) if jacobian else None
+    return AngularFrame(x, start, nb, geo, t, jac)
+
+
+def angular_dataset(ds: xr.Dataset, basis: AngularBasis, *, species_order: list[str] | None = None) -> xr.Dataset:
+    """Lazy angular features of a trajectory: ``psi`` (frame, atom, angular_feature), per frame chunk
+    with dask (rho first, then psi; labels in the ``angular_feature`` coordinate)."""
+    codes, order = species_index(ds["species"].values, species_order)
+    arr = basis.arrays(len(order))
+    cell = ds["cell"]
+    check_cutoff(basis.cutoff_angstrom, basis.cutoff_width_angstrom, orthorhombic_box(cell.values))
+    if "frame" in cell.dims:
+        box = xr.apply_ufunc(lambda c: orthorhombic_box(c), cell, input_core_dims=[["cell_vector", "xyz"]],
+                             output_core_dims=[["xyz"]], dask="parallelized", output_dtypes=[float])
+    else:
+        box = xr.DataArray(orthorhombic_box(cell.values), dims=("xyz",)).expand_dims(frame=ds.sizes["frame"])
+        box = box.chunk({"frame": ds["positions"].chunks[0]} if ds["positions"].chunks else {})
+
+    def kernel(pos, bx):
+        out = np.empty(pos.shape[:-2] + (pos.shape[-2], arr.n_features))
+        flat_p = pos.reshape(-1, pos.shape[-2], 3)
+        flat_b = bx.reshape(-1, 3)
+        flat_o = out.reshape(-1, pos.shape[-2], arr.n_features)
+        for f in range(flat_p.shape[0]):
+            flat_o[f] = angular_frame(flat_p[f], flat_b[f], codes, arr).x
+        return out
+
+    psi = xr.apply_ufunc(kernel, ds["positions"], box, input_core_dims=[["atom", "xyz"], ["xyz"]],
+                         output_core_dims=[["atom", "angular_feature"]], dask="parallelized", output_dtypes=[float],
+                         dask_gufunc_kwargs={"output_sizes": {"angular_feature": arr.n_features}})
+    out = xr.Dataset({"psi": psi}).assign_coords(
+        angular_feature=("angular_feature", np.array(basis.feature_labels(order), dtype=object)))
+    out["psi"].attrs = {"units": "1", "long_name": "rho[k,a,n] = sum_i R_n; psi[k,(a,b),(n,m),l] = "
+                        "sum_{i != j} R_n(d_ki) R_m(d_kj) P_l(cos theta_ikj)"}
+    out.attrs = {"angular_basis": str(basis.to_json())}
+    return out
