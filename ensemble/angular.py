@@ -527,6 +527,19 @@ def angular_vjp(start, nb, geo, species, t_all, dh, conservative, n_species, mu,
     return f_out
 
 
+@njit(cache=True)
+def _sum_entries(start, jac):
+    n = start.shape[0] - 1
+    out = np.zeros((n, jac.shape[1], 3))
+    for k in range(n):
+        for e in range(start[k], start[k + 1]):
+            for f in range(jac.shape[1]):
+                out[k, f, 0] += jac[e, f, 0]
+                out[k, f, 1] += jac[e, f, 1]
+                out[k, f, 2] += jac[e, f, 2]
+    return out
+
+
 # --------------------------------------------------------------------------- frame and dataset wrappers
 @dataclass(frozen=True)
 class AngularFrame:
@@ -542,10 +555,7 @@ class AngularFrame:
 
     def self_gradient(self) -> np.ndarray:
         """d x[k] / d q_k (N, Q, 3) with all other atoms fixed (the agent kind's gradient)."""
-        out = np.zeros(self.x.shape + (3,))
-        owner = np.repeat(np.arange(self.x.shape[0]), np.diff(self.start))
-        np.add.at(out, owner, self.jac)
-        return out
+        return _sum_entries(self.start, self.jac)
 
 
 def angular_frame(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, arr: AngularArrays,

@@ -1,36 +1,66 @@
 """Fitted models: coefficients, forces and accelerations, human-readable JSON.
 
-A model has one quadratic loss per species s over the flattened invariants
-phi_k (P = n_species x n_weights, source-major)::
+A model has one quadratic loss per species s over the feature vector x_k of atom k
+(:mod:`ensemble.features`): the pair invariants phi_k (P = n_species x n_weights,
+source-major), then, for many-body models, the angular invariants rho_k / psi_k of
+:mod:`ensemble.angular` (Q of them)::
 
-    H_s(phi) = A_s . phi + 1/2 phi . B_s . phi           (eV; B_s symmetric)
+    H_s(x) = A_s . x + 1/2 x . B_s . x           (eV; B_s symmetric, F = P + Q)
 
 ``agent``
-    acceleration of atom k = -(1/M_s) grad_k H_s(phi_k) with every other atom held
+    acceleration of atom k = -(1/M_s) grad_k H_s(x_k) with every other atom held
     fixed (the paper's eq. 4.6). Not the gradient of one energy.
 ``conservative``
-    one energy E = sum_k H_{s_k}(phi_k); forces -grad E, so each atom also feels
+    one energy E = sum_k H_{s_k}(x_k); forces -grad E, so each atom also feels
     its neighbours' losses. Energy and momentum are conserved.
+
+Either kind may carry a :class:`ensemble.prior.ShortRangePrior`: a fixed pair repulsion below the
+shortest training distances, added to the energy and forces (both kinds: it is a pair sum).
+
+Model files (JSON, strict: no NaN / Infinity) have format ``ensemble.model/2``; files of format
+``ensemble.model/1`` (pair invariants only, dense B) are read as well.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from numba import njit
 
 from . import __version__
-from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, neighbour_pairs, pair_geometry, species_index)
+from .angular import AngularBasis, angular_frame, angular_vjp
+from .features import FeatureSpec, feature_forces, frame_terms
+from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, neighbour_pairs, pair_geometry,
+                         species_index)
+from .prior import ShortRangePrior, prior_energy_forces
 from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 from .errors import UserError
 
-__all__ = ["Model", "ModelError", "load_model", "conservative_forces"]
+__all__ = ["Model", "ModelError", "load_model", "conservative_forces", "finite_json"]
 
 KINDS = ("agent", "conservative")
-FORMAT = "ensemble.model/1"
+FORMAT = "ensemble.model/2"
+FORMAT_V1 = "ensemble.model/1"
+
+
+def finite_json(obj):
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, so that it is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    return obj
 
 
 class ModelError(UserError, ValueError):
@@ -135,7 +165,8 @@ def forces_from_pair_terms(pairs, species, m_w, dh, g, d, conservative):
 
 @dataclass(frozen=True)
 class Model:
-    """A fitted model (see the module docstring). ``A[s]`` is (P,), ``B[s]`` (P, P) symmetric, eV."""
+    """A fitted model (see the module docstring). ``A[s]`` is (F,), ``B[s]`` (F, F) symmetric, eV,
+    over the features of :attr:`spec` (pair invariants, then the angular ones if ``angular``)."""
 
     kind: str
     species: tuple[str, ...]
@@ -147,59 +178,104 @@ class Model:
     width_angstrom: float = 1.0
     metrics: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    angular: AngularBasis | None = None
+    prior: ShortRangePrior | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ModelError(f"model kind {self.kind!r}; expected one of {KINDS}")
-        p = len(self.species) * len(self.weights)
+        p = self.spec.n_features
+        extra = f" + {self.spec.q} angular features" if self.angular is not None else ""
         for s, (a, b) in enumerate(zip(self.A, self.B)):
             if np.shape(a) != (p,) or np.shape(b) != (p, p):
                 raise ModelError(f"species {self.species[s]}: A must have {p} entries and B be {p}x{p} "
-                                 f"({len(self.species)} species x {len(self.weights)} weight functions); "
+                                 f"({len(self.species)} species x {len(self.weights)} weight functions{extra}); "
                                  f"got {np.shape(a)} and {np.shape(b)}")
             if not np.allclose(b, np.transpose(b), rtol=1e-12, atol=0):
                 raise ModelError(f"species {self.species[s]}: B is not symmetric")
         if len(self.A) != len(self.species) or len(self.masses) != len(self.species):
             raise ModelError("one A, B and mass per species is required")
+        if self.prior is not None and tuple(self.prior.species) != tuple(self.species):
+            raise ModelError(f"prior species {self.prior.species} differ from the model's {self.species}")
 
     @property
     def neighbour_mode(self) -> str:
         return "paper" if self.cutoff_angstrom is None else "cutoff"
 
+    @cached_property
+    def spec(self) -> FeatureSpec:
+        """The feature layout (pair invariants, then angular ones)."""
+        return FeatureSpec(len(self.species), self.weights, self.angular, "none", self.cutoff_angstrom,
+                           self.width_angstrom)
+
+    @cached_property
+    def _quadratic_blocks(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        """Per species, the features with any quadratic coefficient and B restricted to them."""
+        out = []
+        for b in self.B:
+            act = np.flatnonzero(np.any(b != 0, axis=0))
+            out.append((act, np.ascontiguousarray(b[np.ix_(act, act)])))
+        return tuple(out)
+
     # ---------------------------------------------------------------- evaluation
     def _setup(self, species, box):
         codes, _ = species_index(species, list(self.species))
         cutoff, width = check_cutoff(self.cutoff_angstrom, self.width_angstrom, np.asarray(box))
+        if self.angular is not None:
+            check_cutoff(self.angular.cutoff_angstrom, self.angular.cutoff_width_angstrom, np.asarray(box))
         kinds, params = self.weights.arrays()
         return codes, cutoff, width, kinds, params
 
     def dh_dphi(self, phi: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """dH_{s_k}/dphi at each atom's invariants: (N, P)."""
+        """dH_{s_k}/dx at each atom's features: (N, F)."""
         out = np.empty_like(phi)
-        for s in range(len(self.species)):
+        for s, (act, bq) in enumerate(self._quadratic_blocks):
             at = codes == s
-            out[at] = self.A[s] + phi[at] @ self.B[s]
+            out[at] = self.A[s]
+            if act.size:
+                out[np.ix_(at, act)] += phi[np.ix_(at, act)] @ bq
         return out
 
+    def _loss_sum(self, x: np.ndarray, codes: np.ndarray) -> float:
+        """sum_k H_{s_k}(x_k) (eV)."""
+        e = 0.0
+        for s, (act, bq) in enumerate(self._quadratic_blocks):
+            at = codes == s
+            e += float(np.sum(x[at] @ self.A[s]))
+            if act.size:
+                xa = x[np.ix_(at, act)]
+                e += 0.5 * float(np.sum((xa @ bq) * xa))
+        return e
+
+    @property
+    def _generic(self) -> bool:
+        """Many-body or prior-carrying models take the feature path; pair-only ones the original kernels."""
+        return self.angular is not None or self.prior is not None
+
+    def features(self, positions, box, species) -> np.ndarray:
+        """Features x (N, F) of one configuration (pair invariants, then angular ones)."""
+        codes, *_ = self._setup(species, box)
+        return frame_terms(np.asarray(positions, float), np.asarray(box, float), codes, self.spec).x
+
     def energy(self, positions, box, species) -> float:
-        """E = sum_k H_{s_k}(phi_k) in eV (the conservative kind's energy; for the agent kind the
-        sum of the agents' losses, which is not a potential of its forces)."""
+        """E = sum_k H_{s_k}(x_k) (+ the prior) in eV (the conservative kind's energy; for the agent kind
+        the sum of the agents' losses, which is not a potential of its forces)."""
         codes, cutoff, width, kinds, params = self._setup(species, box)
-        phi, _ = invariants_frame(np.asarray(positions, float), np.asarray(box, float), codes, len(self.species),
-                                  kinds, params, cutoff, width)
-        phi = phi.reshape(len(codes), -1)
-        total = 0.0
-        for s in range(len(self.species)):
-            ph = phi[codes == s]
-            total += float(np.sum(ph @ self.A[s]) + 0.5 * np.einsum("kj,jl,kl->", ph, self.B[s], ph))
-        return total
+        pos, bx = np.asarray(positions, float), np.asarray(box, float)
+        if self._generic:
+            e = self._loss_sum(frame_terms(pos, bx, codes, self.spec).x, codes)
+            if self.prior is not None:
+                e += self.prior.energy_forces(pos, bx, codes)[0]
+            return e
+        phi, _ = invariants_frame(pos, bx, codes, len(self.species), kinds, params, cutoff, width)
+        return self._loss_sum(phi.reshape(len(codes), -1), codes)
 
     def force_fn(self, box, species, skin_angstrom: float = 1.0):
         """A force function for MD: positions (N, 3) -> (forces eV/Å, energy eV).
 
-        The energy is E = sum_k H_{s_k}(phi_k): the conservative kind's potential; for the agent
+        The energy is E = sum_k H_{s_k}(x_k) (+ prior): the conservative kind's potential; for the agent
         kind the summed losses (reported, but not conserved: agent forces are not -grad E).
-        In cutoff mode pairs come from a Verlet list (cutoff + ``skin_angstrom``); results do not
+        In cutoff mode pairs come from a Verlet list (largest cutoff + ``skin_angstrom``); results do not
         depend on when it was rebuilt.
         """
         codes, cutoff, width, kinds, params = self._setup(species, box)
@@ -207,14 +283,9 @@ class Model:
         n_sp = len(self.species)
         agent = self.kind == "agent"
         n_all = len(codes)
+        if self._generic:
+            return self._generic_force_fn(codes, bx, cutoff, width, kinds, params, skin_angstrom)
         verlet = VerletList(bx, cutoff, skin_angstrom) if cutoff > 0 else None
-
-        def energy_of(phi):
-            e = 0.0
-            for s in range(n_sp):
-                at = codes == s
-                e += float(np.sum(phi[at] @ self.A[s]) + 0.5 * np.sum((phi[at] @ self.B[s]) * phi[at]))
-            return e
 
         def fn(positions):
             pos = np.ascontiguousarray(positions, dtype=float)
@@ -223,23 +294,71 @@ class Model:
                 pairs = verlet(pos)
                 phi, g, d = pair_terms(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
                 dh = self.dh_dphi(phi, codes)
-                return forces_from_pair_terms(pairs, codes, len(kinds), dh, g, d, not agent), energy_of(phi)
+                return forces_from_pair_terms(pairs, codes, len(kinds), dh, g, d, not agent), self._loss_sum(phi, codes)
             # paper mode: all N^2 pairs, without per-pair arrays
             phi, grad = invariants_frame(pos, bx, codes, n_sp, kinds, params, cutoff, width)
             phi = phi.reshape(n_all, -1)
             dh = self.dh_dphi(phi, codes)
             if agent:
-                return -np.einsum("kj,kjc->kc", dh, grad.reshape(n_all, phi.shape[1], 3)), energy_of(phi)
-            return conservative_forces(pos, bx, codes, n_sp, kinds, params, cutoff, width, dh), energy_of(phi)
+                return -np.einsum("kj,kjc->kc", dh, grad.reshape(n_all, phi.shape[1], 3)), self._loss_sum(phi, codes)
+            return conservative_forces(pos, bx, codes, n_sp, kinds, params, cutoff, width, dh), self._loss_sum(phi, codes)
 
         fn.neighbours = verlet
         return fn
 
+    def _generic_force_fn(self, codes, bx, cutoff, width, kinds, params, skin):
+        """Forces of many-body / prior models: pair terms from the candidate list (k < i), angular
+        features and their vector-Jacobian product from the same list, the prior on top."""
+        n_sp = len(self.species)
+        conservative = self.kind == "conservative"
+        p = self.spec.p
+        arr = self.spec.angular_arrays()
+        prior = self.prior
+        onset = prior.onset_angstrom if prior is not None else None
+        reach = max(self.spec.reach_angstrom(), float(onset.max()) if prior is not None else 0.0)
+        if cutoff > 0:
+            verlet = VerletList(bx, reach, skin)
+            ang_verlet = None
+        else:        # paper-mode pairs: every pair, always; the angular list on its own
+            verlet = None
+            all_pairs = neighbour_pairs(np.zeros((len(codes), 3)), bx, -1.0)
+            ang_verlet = VerletList(bx, arr.cutoff, skin) if arr is not None else None
+
+        def fn(positions):
+            pos = np.ascontiguousarray(positions, dtype=float)
+            pairs = verlet(pos) if verlet is not None else all_pairs
+            phi, g, d = pair_terms(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
+            if arr is not None:
+                fr = angular_frame(pos, bx, codes, arr, pairs=pairs if ang_verlet is None else ang_verlet(pos))
+                x = np.concatenate([phi, fr.x], axis=1)
+            else:
+                x = phi
+            dh = self.dh_dphi(x, codes)
+            f = forces_from_pair_terms(pairs, codes, len(kinds), np.ascontiguousarray(dh[:, :p]), g, d, conservative)
+            if arr is not None:
+                f += angular_vjp(fr.start, fr.nb, fr.geo, codes, fr.t, np.ascontiguousarray(dh[:, p:]), conservative,
+                                 *arr.args())
+            e = self._loss_sum(x, codes)
+            if prior is not None:
+                ep, fp = prior_energy_forces(pos, bx, codes, onset, prior.epsilon_ev, prior.decay_angstrom, pairs)
+                f += fp
+                e += ep
+            return f, e
+
+        fn.neighbours = verlet if verlet is not None else ang_verlet
+        return fn
+
     def forces(self, positions, box, species) -> np.ndarray:
-        """Forces (eV/Å): -grad E (conservative) or -grad_k H_{s_k} with others fixed (agent)."""
+        """Forces (eV/Å): -grad E (conservative) or -grad_k H_{s_k} with others fixed (agent); plus the prior."""
         codes, cutoff, width, kinds, params = self._setup(species, box)
         pos = np.ascontiguousarray(positions, dtype=float)
         bx = np.asarray(box, float)
+        if self._generic:
+            terms = frame_terms(pos, bx, codes, self.spec)
+            f = feature_forces(terms, codes, self.spec, self.dh_dphi(terms.x, codes), self.kind == "conservative")
+            if self.prior is not None:
+                f += self.prior.energy_forces(pos, bx, codes)[1]
+            return f
         phi, grad = invariants_frame(pos, bx, codes, len(self.species), kinds, params, cutoff, width)
         n = len(codes)
         phi = phi.reshape(n, -1)
@@ -256,29 +375,42 @@ class Model:
 
     # ---------------------------------------------------------------- JSON
     def to_json(self) -> dict:
+        def quadratic(b):
+            j, l = np.nonzero(np.triu(b))
+            return [[int(a), int(c), float(b[a, c])] for a, c in zip(j, l)]
+
+        for arr in self.A + self.B:
+            if not np.isfinite(arr).all():
+                raise ModelError("non-finite coefficient: refusing to write the model")
         return {
             "format": FORMAT,
             "kind": self.kind,
             "species": list(self.species),
             "masses_amu": dict(zip(self.species, self.masses)),
             "weight_functions": self.weights.to_json(),
-            "invariant_order": "source-major: index = source_species_index * n_weights + weight_index",
+            "angular_basis": self.angular.to_json() if self.angular is not None else None,
+            "feature_order": "x = [phi: source-major, index = source_species_index * n_weights + weight_index; then "
+                             "rho[a * n_radial + n]; then psi[channel * (l_max + 1) + l], channels (a <= b, n, m) "
+                             "as in feature_labels]",
+            "feature_labels": self.spec.labels(self.species),
             "neighbour_mode": self.neighbour_mode,
             "cutoff_angstrom": self.cutoff_angstrom,
             "cutoff_width_angstrom": self.width_angstrom,
-            "units": {"A": "eV", "B": "eV", "phi": "1 (sum of weights)"},
-            "loss": "H_s(phi) = A_s . phi + 1/2 phi . B_s . phi",
-            "coefficients": {s: {"A": self.A[i].tolist(), "B": self.B[i].tolist()} for i, s in enumerate(self.species)},
-            "metrics": self.metrics,
-            "provenance": {**self.provenance, "ensemble_version": __version__},
+            "units": {"A": "eV", "B": "eV", "phi": "1 (sum of weights)", "rho, psi": "1"},
+            "loss": "H_s(x) = A_s . x + 1/2 x . B_s . x, B_s symmetric; B_nonzero_upper lists [j, l, B_jl] for j <= l",
+            "coefficients": {s: {"A": self.A[i].tolist(), "B_nonzero_upper": quadratic(self.B[i])}
+                             for i, s in enumerate(self.species)},
+            "prior": self.prior.to_json() if self.prior is not None else None,
+            "metrics": finite_json(self.metrics),
+            "provenance": finite_json({**self.provenance, "ensemble_version": __version__}),
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write as JSON, atomically (temporary file, then rename)."""
+        """Write as strict JSON (no NaN / Infinity), atomically (temporary file, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True))
+        tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
         tmp.replace(path)
         return path
 
@@ -289,8 +421,9 @@ class Model:
                 raise ModelError(f"{source}: missing field {key!r}")
             return d[key]
 
-        if need("format") != FORMAT:
-            raise ModelError(f"{source}: format {d['format']!r}; expected {FORMAT!r}")
+        fmt = need("format")
+        if fmt not in (FORMAT, FORMAT_V1):
+            raise ModelError(f"{source}: format {fmt!r}; expected {FORMAT!r} (or {FORMAT_V1!r})")
         species = tuple(str(s) for s in need("species"))
         masses = need("masses_amu")
         coefs = need("coefficients")
@@ -298,6 +431,15 @@ class Model:
             weights = WeightSet.from_json(need("weight_functions"))
         except ValueError as exc:
             raise ModelError(f"{source}: {exc}") from None
+        angular = prior = None
+        if fmt == FORMAT:
+            try:
+                if d.get("angular_basis") is not None:
+                    angular = AngularBasis.from_json(d["angular_basis"])
+                if d.get("prior") is not None:
+                    prior = ShortRangePrior.from_json(d["prior"], species)
+            except ValueError as exc:
+                raise ModelError(f"{source}: {exc}") from None
         for s in species:
             if s not in masses or s not in coefs:
                 raise ModelError(f"{source}: species {s!r} has no mass or no coefficients")
@@ -305,11 +447,24 @@ class Model:
         cutoff = d.get("cutoff_angstrom")
         if mode not in ("paper", "cutoff") or (mode == "cutoff") != (cutoff is not None):
             raise ModelError(f"{source}: neighbour_mode {mode!r} with cutoff_angstrom {cutoff!r} is inconsistent")
+        n_feat = len(species) * len(weights) + (angular.n_features(len(species)) if angular is not None else 0)
         try:
             a = tuple(np.asarray(coefs[s]["A"], dtype=float) for s in species)
-            b = tuple(np.asarray(coefs[s]["B"], dtype=float) for s in species)
+            if fmt == FORMAT_V1:
+                b = tuple(np.asarray(coefs[s]["B"], dtype=float) for s in species)
+            else:
+                b = []
+                for s in species:
+                    mat = np.zeros((n_feat, n_feat))
+                    for j, l, v in coefs[s]["B_nonzero_upper"]:
+                        if not (0 <= int(j) <= int(l) < n_feat) or int(j) != j or int(l) != l:
+                            raise ValueError(f"species {s}: B index ({j}, {l}) outside 0 <= j <= l < {n_feat}")
+                        mat[int(j), int(l)] = mat[int(l), int(j)] = float(v)
+                    b.append(mat)
+                b = tuple(b)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{source}: coefficients must be {{species: {{'A': [...], 'B': [[...]]}}}}: {exc}") from None
+            raise ModelError(f"{source}: coefficients must be {{species: {{'A': [...], "
+                             f"{'B' if fmt == FORMAT_V1 else 'B_nonzero_upper'}: ...}}}}: {exc}") from None
         for arr in a + b:
             if not np.isfinite(arr).all():
                 raise ModelError(f"{source}: non-finite coefficient")
@@ -317,7 +472,7 @@ class Model:
             return cls(kind=need("kind"), species=species, masses=tuple(float(masses[s]) for s in species),
                        weights=weights, A=a, B=b, cutoff_angstrom=None if cutoff is None else float(cutoff),
                        width_angstrom=float(d.get("cutoff_width_angstrom", 1.0)), metrics=d.get("metrics", {}),
-                       provenance=d.get("provenance", {}))
+                       provenance=d.get("provenance", {}), angular=angular, prior=prior)
         except ModelError as exc:
             raise ModelError(f"{source}: {exc}") from None
 

@@ -3,6 +3,7 @@ planted conservative coefficients are recovered, JSON round trip and malformed f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -118,11 +119,28 @@ def test_json_round_trip_and_malformed_files(tmp_path, frame):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ModelError, match=r"bad.json: model kind 'magic'"):
         load_model(tmp_path / "bad.json")
-    bad = json.loads(path.read_text())
-    bad["coefficients"]["O"]["B"] = bad["coefficients"]["O"]["B"][:-1]
-    (tmp_path / "bad2.json").write_text(json.dumps(bad))
+    # format 1 files (dense B, no angular block) are still read, to the same model
+    v1 = json.loads(path.read_text())
+    v1["format"] = "ensemble.model/1"
+    for i, s in enumerate(("H", "O")):
+        v1["coefficients"][s] = {"A": list(model.A[i]), "B": model.B[i].tolist()}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    old = load_model(tmp_path / "v1.json")
+    np.testing.assert_array_equal(old.forces(pos, box, sp), model.forces(pos, box, sp))
+    v1["coefficients"]["O"]["B"] = v1["coefficients"]["O"]["B"][:-1]
+    (tmp_path / "bad2.json").write_text(json.dumps(v1))
     with pytest.raises(ModelError, match=r"species O: A must have 6 entries and B be 6x6"):
         load_model(tmp_path / "bad2.json")
+    bad = json.loads(path.read_text())
+    bad["coefficients"]["H"]["B_nonzero_upper"].append([2, 6, 1.0])
+    (tmp_path / "bad4.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match=r"species H: B index \(2, 6\) outside 0 <= j <= l < 6"):
+        load_model(tmp_path / "bad4.json")
+    # strict JSON: non-finite metrics are written as null, never NaN / Infinity
+    odd = dataclasses.replace(model, metrics={"relative_rmse": {"H": float("nan")}, "condition": float("inf")})
+    text = odd.save(tmp_path / "odd.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["metrics"] == {"relative_rmse": {"H": None}, "condition": None}
     (tmp_path / "bad3.json").write_text("{not json")
     with pytest.raises(ModelError, match="not JSON"):
         load_model(tmp_path / "bad3.json")

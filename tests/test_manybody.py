@@ -1,0 +1,195 @@
+"""Many-body models (pair + angular invariants, short-range prior): forces against finite
+differences of the energy, MD force functions against direct forces, the design rows against
+the forces they predict, JSON round trip; the prior's shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from ensemble.angular import AngularBasis
+from ensemble.data import load_default
+from ensemble.features import FeatureSpec, frame_terms
+from ensemble.fit.design import agent_feature_rows, conservative_feature_rows
+from ensemble.invariants import EXPONENTIAL, GAUSSIAN, POWER, WeightSet, species_index
+from ensemble.model import Model, load_model
+from ensemble.prior import ShortRangePrior, shortest_distances
+
+WS = WeightSet((EXPONENTIAL, GAUSSIAN, POWER), (1.0, 2.0, 2.0))
+ANG = AngularBasis((0.95, 1.6, 2.6), (0.3, 0.35, 0.45), 4.0, 1.0, 3, "all")
+
+
+def random_manybody(kind, cutoff=5.0, seed=0, scale=0.02, prior=None, quad_features=None):
+    """Random coefficients over pair + angular features; B nonzero on the first ``quad_features``."""
+    rng = np.random.default_rng(seed)
+    f = 2 * len(WS) + ANG.n_features(2)
+    nq = quad_features or 2 * len(WS) + 2 * ANG.n_radial
+    a, b = [], []
+    for _ in range(2):
+        a.append(rng.normal(size=f) * scale)
+        m = np.zeros((f, f))
+        m[:nq, :nq] = rng.normal(size=(nq, nq)) * scale * 0.1
+        b.append(0.5 * (m + m.T))
+    return Model(kind=kind, species=("H", "O"), masses=(1.00794, 15.9994), weights=WS, A=tuple(a), B=tuple(b),
+                 cutoff_angstrom=cutoff, width_angstrom=1.0, angular=ANG, prior=prior)
+
+
+@pytest.fixture(scope="module")
+def water():
+    """The first frame of the embedded 128 H2O and a 36-atom piece of it."""
+    ds = load_default().isel(frame=slice(0, 2)).compute()
+    return ds
+
+
+def test_conservative_manybody_forces_are_minus_energy_gradient(water):
+    pos = water["positions"].values[0]
+    box = np.diag(water["cell"].values)
+    sp = water["species"].values
+    codes, _ = species_index(sp, ["H", "O"])
+    short = shortest_distances(pos[None], box[None], codes, 2)
+    # a prior whose onset lies above some pairs of this frame, so that its forces are exercised too
+    prior = ShortRangePrior(("H", "O"), short + 0.15, margin_angstrom=0.05)
+    model = random_manybody("conservative", prior=prior)
+    f = model.forces(pos, box, sp)
+    e0 = model.energy(pos, box, sp)
+    h = 1e-5
+    fd_noise = 50 * np.finfo(float).eps * abs(e0) / h
+    for k in (0, 1, 100, 383):
+        for c in range(3):
+            p, m = pos.copy(), pos.copy()
+            p[k, c] += h
+            m[k, c] -= h
+            fd = -(model.energy(p, box, sp) - model.energy(m, box, sp)) / (2 * h)
+            assert_allclose(f[k, c], fd, rtol=1e-6, atol=max(1e-8, fd_noise))
+    assert_allclose(f.sum(axis=0), 0.0, atol=1e-10 * np.abs(f).max())
+    assert prior.energy_forces(pos, box, codes)[0] > 0          # the prior did act in this check
+    # the MD force function (Verlet list, one pass) gives the same forces and energy
+    fn = model.force_fn(box, sp)
+    f2, e2 = fn(pos)
+    assert_allclose(f2, f, rtol=1e-10, atol=1e-11)
+    assert e2 == pytest.approx(e0, rel=1e-12)
+
+
+@pytest.mark.parametrize("cutoff", [None, 5.0])
+def test_agent_manybody_forces_are_minus_own_loss_gradient(water, cutoff):
+    ds = water.isel(atom=slice(0, 48))
+    pos = ds["positions"].values[1]
+    box = np.diag(ds["cell"].values)
+    sp = ds["species"].values
+    model = random_manybody("agent", cutoff=cutoff)
+    f = model.forces(pos, box, sp)
+    codes, _ = species_index(sp, ["H", "O"])
+
+    def own_loss(p, k):
+        x = model.features(p, box, sp)[k]
+        s = codes[k]
+        return float(model.A[s] @ x + 0.5 * x @ model.B[s] @ x)
+
+    h = 1e-5
+    for k in (0, 2, 30):
+        for c in range(3):
+            p, m = pos.copy(), pos.copy()
+            p[k, c] += h
+            m[k, c] -= h
+            assert f[k, c] == pytest.approx(-(own_loss(p, k) - own_loss(m, k)) / (2 * h), rel=1e-6, abs=1e-8)
+    f2, _ = model.force_fn(box, sp)(pos)
+    assert_allclose(f2, f, rtol=1e-10, atol=1e-11)
+
+
+def test_design_rows_predict_the_model_forces(water):
+    """Design rows x coefficients = model forces (conservative) / accelerations (agent)."""
+    ds = water.isel(atom=slice(0, 60))
+    pos = ds["positions"].values[0]
+    box = np.diag(ds["cell"].values)
+    sp = ds["species"].values
+    codes, _ = species_index(sp, ["H", "O"])
+    nq = 2 * len(WS) + 2 * ANG.n_radial
+    spec = FeatureSpec(2, WS, ANG, "pair+radial", 5.0, 1.0)
+    model = random_manybody("conservative", quad_features=nq)
+    j, l = spec.quadratic_pairs()
+    coef = np.concatenate([np.concatenate([model.A[s], model.B[s][j, l]]) for s in range(2)])
+    terms = frame_terms(pos, box, codes, spec, jacobian=True)
+    x = conservative_feature_rows(terms, codes, spec)
+    assert x.shape == (180, 2 * spec.block)
+    assert_allclose(x @ coef, model.forces(pos, box, sp).ravel(), rtol=1e-9, atol=1e-10)
+    agent = random_manybody("agent", quad_features=nq)
+    grad = terms.self_gradient(codes, 2)
+    for s in range(2):
+        at = np.flatnonzero(codes == s)
+        z = np.empty((3 * at.size, spec.block + 1))
+        agent_feature_rows(np.ascontiguousarray(terms.x[at]), np.ascontiguousarray(grad[at]), j, l,
+                           np.zeros((at.size, 3)), 1.0, z)
+        want = agent.forces(pos, box, sp)[at].ravel()
+        assert_allclose(z[:, :-1] @ np.concatenate([agent.A[s], agent.B[s][j, l]]), want, rtol=1e-9, atol=1e-10)
+
+
+def test_paper_mode_pairs_with_angular_force_function(water):
+    ds = water.isel(atom=slice(0, 48))
+    pos = ds["positions"].values[0]
+    box = np.diag(ds["cell"].values)
+    sp = ds["species"].values
+    model = random_manybody("conservative", cutoff=None)
+    fn = model.force_fn(box, sp)
+    rng = np.random.default_rng(3)
+    for _ in range(3):          # atoms move: the angular Verlet list is reused, then rebuilt
+        pos = pos + rng.normal(scale=0.05, size=pos.shape)
+        f, e = fn(pos)
+        assert_allclose(f, model.forces(pos, box, sp), rtol=1e-10, atol=1e-11)
+        assert e == pytest.approx(model.energy(pos, box, sp), rel=1e-12)
+
+
+def test_manybody_json_round_trip(tmp_path, water):
+    pos = water["positions"].values[0]
+    box = np.diag(water["cell"].values)
+    sp = water["species"].values
+    prior = ShortRangePrior(("H", "O"), np.array([[1.4, 0.9], [0.9, np.inf]]))
+    model = random_manybody("conservative", prior=prior)
+    path = model.save(tmp_path / "m.json")
+    d = json.loads(path.read_text())
+    assert d["format"] == "ensemble.model/2" and d["angular_basis"]["couplings"] == "all"
+    assert d["prior"]["shortest_training_distance_angstrom"] == {"H-H": 1.4, "H-O": 0.9, "O-O": None}
+    assert len(d["feature_labels"]) == 2 * len(WS) + ANG.n_features(2)
+    again = load_model(path)
+    assert again.angular == ANG and again.prior.onset_angstrom[0, 1] == pytest.approx(0.85)
+    assert_allclose(again.forces(pos, box, sp), model.forces(pos, box, sp), rtol=0, atol=0)
+
+
+def test_prior_is_zero_above_its_onset_repulsive_below_and_smooth():
+    prior = ShortRangePrior(("H", "O"), np.array([[1.5, 0.9], [0.9, 2.4]]), margin_angstrom=0.05)
+    codes = np.array([1, 0])
+    box = np.full(3, 30.0)
+
+    def at(r):
+        e, f = prior.energy_forces(np.array([[1.0, 1.0, 1.0], [1.0 + r, 1.0, 1.0]]), box, codes)
+        return e, f[1, 0]                 # force on the H along +x (away from the O)
+
+    r0 = 0.85
+    for r in (0.86, 0.9, 1.0, 3.0):
+        assert at(r) == (0.0, 0.0)
+    for r in (0.84, 0.8, 0.7, 0.6):
+        e, f = at(r)
+        assert e > 0 and f > 0             # repulsive: pushes the H away from the O
+    # monotone: closer is stronger
+    assert at(0.6)[1] > at(0.7)[1] > at(0.8)[1] > 0
+    # forces are -dV/dr (central differences) and V, V', V'' vanish at the onset (C^2)
+    h = 1e-6
+    for r in (0.6, 0.75, 0.84):
+        assert at(r)[1] == pytest.approx(-(at(r + h)[0] - at(r - h)[0]) / (2 * h), rel=1e-6)
+    d = 1e-3
+    assert at(r0 - d)[0] == pytest.approx(0.1 * d ** 3 / (6 * 0.05 ** 3), rel=1e-2)      # V ~ delta^3
+    assert at(r0 - d)[1] == pytest.approx(0.1 * d ** 2 / (2 * 0.05 ** 3), rel=1e-2)      # V' ~ delta^2
+    # pairs never seen within reach get no prior
+    none = ShortRangePrior(("H", "O"), np.array([[np.inf, 0.9], [0.9, np.inf]]))
+    assert none.onset_angstrom[0, 0] == 0 and none.onset_angstrom[1, 1] == 0
+    e, f = none.energy_forces(np.array([[1.0, 1.0, 1.0], [1.2, 1.0, 1.0]]), box, np.array([1, 1]))
+    assert e == 0 and not f.any()
+
+
+def test_shortest_distances_by_hand():
+    pos = np.array([[[0.0, 0.0, 0.0], [0.97, 0.0, 0.0], [0.0, 1.01, 0.0], [9.5, 0.0, 0.0]]])
+    codes = np.array([1, 0, 0, 1])
+    d = shortest_distances(pos, np.full((1, 3), 10.0), codes, 2)
+    assert_allclose(d, [[np.hypot(0.97, 1.01), 0.97], [0.97, 0.5]])      # O-O through the periodic image
