@@ -141,12 +141,16 @@ class AngularBasis:
 
 
 def default_angular_basis(cutoff_angstrom: float = 4.5) -> AngularBasis:
-    """The default basis (chosen by measurement, see README "Many-body model"): Gaussians 0.35 Å
-    wide at 0.9 .. 1.5 Å (the O-H bond and the intramolecular H...H at ~1.5 Å), 0.4 Å wide over
-    1.8 .. 3.4 Å (hydrogen bonds: O...H ~1.8 Å, O...O ~2.8 Å) and a broad one at 4 Å; l <= 4."""
-    mu = (0.95, 1.5, 1.9, 2.35, 2.8, 3.3, 4.0)
-    sigma = (0.3, 0.3, 0.3, 0.35, 0.35, 0.4, 0.5)
-    return AngularBasis(mu, sigma, cutoff_angstrom, 1.0, 4, "diagonal")
+    """The default basis, chosen by measurement (README, "Many-body model"): five Gaussians at
+    1.0, 1.6, 2.2, 2.9 and 3.7 Å (widths 0.35-0.5 Å: the O-H bond at ~1 Å, the intramolecular
+    H...H and hydrogen bond O...H at 1.5-1.9 Å, the 1.6-3 Å hydrogen-bond shell with O...O at
+    ~2.8 Å, and the second shell), every radial pair (n, m) coupled, Legendre orders l <= 3,
+    cutoff 4.5 Å. On the public DFT water set (64 H2O, held-out configurations) it reaches 5.9 %
+    relative force error in the conservative model; l <= 4 gains 0.1 % at ~1.5x the MD cost, the
+    diagonal coupling (n = m only) loses 3 %."""
+    mu = (1.0, 1.6, 2.2, 2.9, 3.7)
+    sigma = (0.35, 0.35, 0.4, 0.45, 0.5)
+    return AngularBasis(mu, sigma, cutoff_angstrom, 1.0, 3, "all")
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,10 @@ def neighbour_csr(pairs, pos, box, cutoff, width, n):
     return start, nb, geo
 
 
-@njit(cache=True)
+_FAST = {"reassoc", "contract"}       # let LLVM vectorise the dot products over monomials
+
+
+@njit(cache=True, fastmath=_FAST)
 def _radial(mu, sigma, r, fc, dfc, rad, drad):
     for n in range(mu.shape[0]):
         x = (r - mu[n]) / sigma[n]
@@ -257,10 +264,9 @@ def _radial(mu, sigma, r, fc, dfc, rad, drad):
         drad[n] = g * (dfc - x / sigma[n] * fc)
 
 
-@njit(cache=True)
-def _monomials(u0, u1, u2, l_max, mono, um, dum):
-    """u^alpha and its gradient (unconstrained in u) for every monomial alpha."""
-    pw = np.empty((3, l_max + 1))
+@njit(cache=True, fastmath=_FAST)
+def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
+    """u^alpha (n_mono,) and its gradient in u, unconstrained, as (3, n_mono); ``pw`` (3, l_max + 1) scratch."""
     pw[0, 0] = 1.0
     pw[1, 0] = 1.0
     pw[2, 0] = 1.0
@@ -273,16 +279,17 @@ def _monomials(u0, u1, u2, l_max, mono, um, dum):
         b = mono[t, 1]
         c = mono[t, 2]
         um[t] = pw[0, a] * pw[1, b] * pw[2, c]
-        dum[t, 0] = a * pw[0, a - 1] * pw[1, b] * pw[2, c] if a > 0 else 0.0
-        dum[t, 1] = b * pw[0, a] * pw[1, b - 1] * pw[2, c] if b > 0 else 0.0
-        dum[t, 2] = c * pw[0, a] * pw[1, b] * pw[2, c - 1] if c > 0 else 0.0
+        dum[0, t] = a * pw[0, a - 1] * pw[1, b] * pw[2, c] if a > 0 else 0.0
+        dum[1, t] = b * pw[0, a] * pw[1, b - 1] * pw[2, c] if b > 0 else 0.0
+        dum[2, t] = c * pw[0, a] * pw[1, b] * pw[2, c - 1] if c > 0 else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FAST)
 def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p, mono_w, leg,
                      channels):
-    """Features x (N, Q) and the moment tensors T (N, S, N_r, n_mono) and diagonal sums
-    Dg (N, S, N_r, N_r) = sum_{i of a} R_n R_m, from a neighbour list in CSR form."""
+    """Features x (N, Q), the moment tensors T (N, S, N_r, n_mono), the diagonal sums
+    Dg (N, S, N_r, N_r) = sum_{i of a} R_n R_m and the radial values of every entry (E, 2, N_r):
+    R_n and dR_n/dr (reused by the derivative kernels), from a neighbour list in CSR form."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
     nm = mono.shape[0]
@@ -292,52 +299,54 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
     x = np.zeros((n, q))
     t_all = np.zeros((n, n_species, nr, nm))
     dg_all = np.zeros((n, n_species, nr, nr))
-    rad = np.empty(nr)
-    drad = np.empty(nr)
+    rad_all = np.empty((start[n], 2, nr))
     um = np.empty(nm)
-    dum = np.empty((nm, 3))
+    dum = np.empty((3, nm))
+    pw = np.empty((3, l_max + 1))
+    wt = mono_w.copy()
     s_p = np.empty(nl)
     for k in range(n):
-        t = t_all[k]
-        dg = dg_all[k]
         for e in range(start[k], start[k + 1]):
             a = species[nb[e]]
             r = geo[e, 3]
-            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, drad)
-            _monomials(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, um, dum)
+            rad = rad_all[e, 0]
+            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, rad_all[e, 1])
+            _monomials(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, pw, um, dum)
             for nn in range(nr):
                 rn = rad[nn]
-                if rn == 0.0:
-                    continue
+                row = t_all[k, a, nn]
                 for tt in range(nm):
-                    t[a, nn, tt] += rn * um[tt]
+                    row[tt] += rn * um[tt]
+                drow = dg_all[k, a, nn]
                 for mm in range(nr):
-                    dg[a, nn, mm] += rn * rad[mm]
+                    drow[mm] += rn * rad[mm]
         for a in range(n_species):
             for nn in range(nr):
-                x[k, a * nr + nn] = t[a, nn, 0]
+                x[k, a * nr + nn] = t_all[k, a, nn, 0]
         for c in range(nch):
             a = channels[c, 0]
             b = channels[c, 1]
             nn = channels[c, 2]
             mm = channels[c, 3]
+            ta = t_all[k, a, nn]
+            tb = t_all[k, b, mm]
             for p in range(nl):
                 s_p[p] = 0.0
             for tt in range(nm):
-                s_p[mono_p[tt]] += mono_w[tt] * t[a, nn, tt] * t[b, mm, tt]
-            diag = dg[a, nn, mm] if a == b else 0.0
+                s_p[mono_p[tt]] += wt[tt] * ta[tt] * tb[tt]
+            diag = dg_all[k, a, nn, mm] if a == b else 0.0
             base = n_species * nr + c * nl
             for l in range(nl):
                 v = 0.0
                 for p in range(l + 1):
                     v += leg[l, p] * s_p[p]
                 x[k, base + l] = v - diag
-    return x, t_all, dg_all
+    return x, t_all, dg_all, rad_all
 
 
-@njit(cache=True)
-def angular_jacobian(start, nb, geo, species, t_all, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p, mono_w,
-                     leg, channels):
+@njit(cache=True, fastmath=_FAST)
+def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p,
+                     mono_w, leg, channels):
     """J (E, Q, 3): derivative of atom k's features w.r.t. d = q_k - q_nb[e] of each CSR entry e of k
     (= d x[k] / d q_k from that neighbour; d x[k] / d q_nb[e] = -J[e])."""
     n = start.shape[0] - 1
@@ -347,35 +356,47 @@ def angular_jacobian(start, nb, geo, species, t_all, n_species, mu, sigma, cutof
     nch = channels.shape[0]
     q = n_species * nr + nch * nl
     jac = np.zeros((start[n], q, 3))
-    rad = np.empty(nr)
-    drad = np.empty(nr)
     um = np.empty(nm)
-    dum = np.empty((nm, 3))
-    # g[b, m, p] = sum_{|alpha|=p} w T[b, m, alpha] u^alpha and its gradient in u
+    dum = np.empty((3, nm))
+    pw = np.empty((3, l_max + 1))
+    # per monomial degree p: g[b, m, p] = sum_{|alpha|=p} w T[b, m, alpha] u^alpha and its gradient in u
     g = np.empty((n_species, nr, nl))
     dgv = np.empty((n_species, nr, nl, 3))
     ds = np.empty((nl, 3))
+    wum = np.empty(nm)
+    wd0 = np.empty(nm)
+    wd1 = np.empty(nm)
+    wd2 = np.empty(nm)
     for k in range(n):
-        t = t_all[k]
         for e in range(start[k], start[k + 1]):
             si = species[nb[e]]
             r = geo[e, 3]
             u0 = geo[e, 0] / r
             u1 = geo[e, 1] / r
             u2 = geo[e, 2] / r
-            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, drad)
-            _monomials(u0, u1, u2, l_max, mono, um, dum)
-            g[:] = 0.0
-            dgv[:] = 0.0
+            rad = rad_all[e, 0]
+            drad = rad_all[e, 1]
+            _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
+            for tt in range(nm):
+                wum[tt] = mono_w[tt] * um[tt]
+                wd0[tt] = mono_w[tt] * dum[0, tt]
+                wd1[tt] = mono_w[tt] * dum[1, tt]
+                wd2[tt] = mono_w[tt] * dum[2, tt]
             for b in range(n_species):
                 for mm in range(nr):
+                    tb = t_all[k, b, mm]
+                    for p in range(nl):
+                        g[b, mm, p] = 0.0
+                        dgv[b, mm, p, 0] = 0.0
+                        dgv[b, mm, p, 1] = 0.0
+                        dgv[b, mm, p, 2] = 0.0
                     for tt in range(nm):
-                        w = mono_w[tt] * t[b, mm, tt]
                         p = mono_p[tt]
-                        g[b, mm, p] += w * um[tt]
-                        dgv[b, mm, p, 0] += w * dum[tt, 0]
-                        dgv[b, mm, p, 1] += w * dum[tt, 1]
-                        dgv[b, mm, p, 2] += w * dum[tt, 2]
+                        w = tb[tt]
+                        g[b, mm, p] += w * wum[tt]
+                        dgv[b, mm, p, 0] += w * wd0[tt]
+                        dgv[b, mm, p, 1] += w * wd1[tt]
+                        dgv[b, mm, p, 2] += w * wd2[tt]
             # rho
             for nn in range(nr):
                 f = si * nr + nn
@@ -424,9 +445,9 @@ def angular_jacobian(start, nb, geo, species, t_all, n_species, mu, sigma, cutof
     return jac
 
 
-@njit(cache=True)
-def angular_vjp(start, nb, geo, species, t_all, dh, conservative, n_species, mu, sigma, cutoff, width, l_max, mono,
-                mono_p, mono_w, leg, channels):
+@njit(cache=True, fastmath=_FAST)
+def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_species, mu, sigma, cutoff, width, l_max,
+                mono, mono_p, mono_w, leg, channels):
     """Forces (N, 3) from dh[k, f] = dE/dx_f[k] (only the angular block, (N, Q)) without the Jacobian.
 
     Conservative: -sum_k dh[k] . d x[k] / dq on every atom; agent: on atom k only its own features'
@@ -441,14 +462,13 @@ def angular_vjp(start, nb, geo, species, t_all, dh, conservative, n_species, mu,
     gadj = np.empty((n_species, nr, nm))     # dE_k / dT[a, n, alpha]
     wdiag = np.empty((n_species, nr, nr))    # dE_k / dDg[a, n, m]
     wp = np.empty(nl)
-    rad = np.empty(nr)
-    drad = np.empty(nr)
     um = np.empty(nm)
-    dum = np.empty((nm, 3))
+    pum = np.empty(nm)
+    dum = np.empty((3, nm))
+    pw = np.empty((3, l_max + 1))
     for k in range(n):
         if start[k] == start[k + 1]:
             continue
-        t = t_all[k]
         gadj[:] = 0.0
         wdiag[:] = 0.0
         for a in range(n_species):
@@ -470,60 +490,70 @@ def angular_vjp(start, nb, geo, species, t_all, dh, conservative, n_species, mu,
                     wp[p] += h * leg[l, p]
             if a == b:
                 wdiag[a, nn, mm] -= tot
+            ta = t_all[k, a, nn]
+            tb = t_all[k, b, mm]
+            ga = gadj[a, nn]
+            gb = gadj[b, mm]
             for tt in range(nm):
                 w = wp[mono_p[tt]] * mono_w[tt]
-                gadj[a, nn, tt] += w * t[b, mm, tt]
-                gadj[b, mm, tt] += w * t[a, nn, tt]
-        v = np.zeros(3)
+                ga[tt] += w * tb[tt]
+                gb[tt] += w * ta[tt]
+        f0 = 0.0
+        f1 = 0.0
+        f2 = 0.0
         for e in range(start[k], start[k + 1]):
             si = species[nb[e]]
             r = geo[e, 3]
             u0 = geo[e, 0] / r
             u1 = geo[e, 1] / r
             u2 = geo[e, 2] / r
-            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, drad)
-            _monomials(u0, u1, u2, l_max, mono, um, dum)
+            rad = rad_all[e, 0]
+            drad = rad_all[e, 1]
+            _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
+            for tt in range(nm):
+                pum[tt] = mono_p[tt] * um[tt]
             radial_u = 0.0        # coefficient of u
             v0 = 0.0
             v1 = 0.0
             v2 = 0.0
             for nn in range(nr):
+                gr = gadj[si, nn]
                 sg = 0.0
                 spg = 0.0
                 d0 = 0.0
                 d1 = 0.0
                 d2 = 0.0
                 for tt in range(nm):
-                    gw = gadj[si, nn, tt]
-                    if gw == 0.0:
-                        continue
+                    gw = gr[tt]
                     sg += gw * um[tt]
-                    spg += mono_p[tt] * gw * um[tt]
-                    d0 += gw * dum[tt, 0]
-                    d1 += gw * dum[tt, 1]
-                    d2 += gw * dum[tt, 2]
+                    spg += gw * pum[tt]
+                    d0 += gw * dum[0, tt]
+                    d1 += gw * dum[1, tt]
+                    d2 += gw * dum[2, tt]
                 dw = 0.0
                 for mm in range(nr):
                     # Dg[a, n, m] = sum R_n R_m is stored for n <= m channels only
-                    wd = wdiag[si, nn, mm]
-                    if wd != 0.0:
-                        dw += wd * (drad[nn] * rad[mm] + rad[nn] * drad[mm])
-                radial_u += drad[nn] * sg - rad[nn] / r * spg + dw
-                v0 += rad[nn] / r * d0
-                v1 += rad[nn] / r * d1
-                v2 += rad[nn] / r * d2
-            v[0] = radial_u * u0 + v0
-            v[1] = radial_u * u1 + v1
-            v[2] = radial_u * u2 + v2
+                    dw += wdiag[si, nn, mm] * (drad[nn] * rad[mm] + rad[nn] * drad[mm])
+                rr = rad[nn] / r
+                radial_u += drad[nn] * sg - rr * spg + dw
+                v0 += rr * d0
+                v1 += rr * d1
+                v2 += rr * d2
+            v0 += radial_u * u0
+            v1 += radial_u * u1
+            v2 += radial_u * u2
             # v = dE_k / dd_e: dE_k/dq_k += v, dE_k/dq_i -= v
-            f_out[k, 0] -= v[0]
-            f_out[k, 1] -= v[1]
-            f_out[k, 2] -= v[2]
+            f0 -= v0
+            f1 -= v1
+            f2 -= v2
             if conservative:
                 i = nb[e]
-                f_out[i, 0] += v[0]
-                f_out[i, 1] += v[1]
-                f_out[i, 2] += v[2]
+                f_out[i, 0] += v0
+                f_out[i, 1] += v1
+                f_out[i, 2] += v2
+        f_out[k, 0] += f0
+        f_out[k, 1] += f1
+        f_out[k, 2] += f2
     return f_out
 
 
@@ -544,14 +574,21 @@ def _sum_entries(start, jac):
 @dataclass(frozen=True)
 class AngularFrame:
     """Angular features of one frame and what their derivatives need: ``x`` (N, Q), the CSR
-    neighbour list (``start``, ``nb``, ``geo``), the moments ``t`` and, if asked, ``jac`` (E, Q, 3)."""
+    neighbour list (``start``, ``nb``, ``geo``), the moments ``t``, the entries' radial values
+    ``rad`` (E, 2, N_r) and, if asked, ``jac`` (E, Q, 3)."""
 
     x: np.ndarray
     start: np.ndarray
     nb: np.ndarray
     geo: np.ndarray
     t: np.ndarray
+    rad: np.ndarray
     jac: np.ndarray | None = None
+
+    def vjp(self, codes: np.ndarray, arr: "AngularArrays", dh: np.ndarray, conservative: bool) -> np.ndarray:
+        """Forces (N, 3) from dh = dE/dx (N, Q): see :func:`angular_vjp`."""
+        return angular_vjp(self.start, self.nb, self.geo, codes, self.t, self.rad, np.ascontiguousarray(dh),
+                           conservative, *arr.args())
 
     def self_gradient(self) -> np.ndarray:
         """d x[k] / d q_k (N, Q, 3) with all other atoms fixed (the agent kind's gradient)."""
@@ -569,9 +606,9 @@ def angular_frame(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, arr: Angu
     if pairs is None:
         pairs = neighbour_pairs(pos, box, arr.cutoff)
     start, nb, geo = neighbour_csr(pairs, pos, box, arr.cutoff, arr.width, pos.shape[0])
-    x, t, _ = angular_features(start, nb, geo, codes, *arr.args())
-    jac = angular_jacobian(start, nb, geo, codes, t, *arr.args()) if jacobian else None
-    return AngularFrame(x, start, nb, geo, t, jac)
+    x, t, _, rad = angular_features(start, nb, geo, codes, *arr.args())
+    jac = angular_jacobian(start, nb, geo, codes, t, rad, *arr.args()) if jacobian else None
+    return AngularFrame(x, start, nb, geo, t, rad, jac)
 
 
 def angular_dataset(ds: xr.Dataset, basis: AngularBasis, *, species_order: list[str] | None = None) -> xr.Dataset:

@@ -187,22 +187,35 @@ def cmd_demo(args) -> int:
 
 def cmd_fit(args) -> int:
     from .cluster import open_client
-    from .fit.pipeline import fit_store, format_table, load_fit_config, plot_selection
+    from .fit.pipeline import format_table, load_fit_config, plot_selection
 
-    overrides = {"kind": args.kind, "keep": args.keep, "frame_stride": args.frame_stride,
-                 "chunk_frames": args.chunk_frames}
+    keep = args.keep
+    if keep is not None and keep not in ("all", "best"):
+        try:
+            keep = int(keep)
+        except ValueError:
+            raise UsageError(f"--keep {keep!r}: expected an integer, 'best' or 'all'") from None
+    overrides = {"kind": args.kind, "keep": keep, "frame_stride": args.frame_stride,
+                 "chunk_frames": args.chunk_frames, "quadratic": args.quadratic, "split_seed": args.split_seed,
+                 "angular": "default" if args.angular else None, "prior": False if args.no_prior else None}
     if args.cutoff is not None:
         overrides.update(neighbour_mode="cutoff", cutoff_angstrom=args.cutoff)
     try:
         cfg = load_fit_config(args.config, **overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    from .fit.pipeline import fit_stores
     from .io import open_trajectory
 
-    open_trajectory(args.store)            # a clear error before any cluster starts
+    for store in [*args.store, *args.validation, *args.test]:
+        open_trajectory(store)            # a clear error before any cluster starts
     out = Path(args.out or f"model-{cfg.kind}.json")
     with open_client(args.scheduler, args.workers):
-        report = fit_store(args.store, cfg, progress=lambda m: print(m, file=sys.stderr))
+        try:
+            report = fit_stores(args.store, cfg, validation=args.validation, test=args.test,
+                                progress=lambda m: print(m, file=sys.stderr))
+        except ValueError as exc:     # stores that do not fit together or with the settings
+            raise UsageError(str(exc)) from None
     report.model.save(out)
     png = plot_selection(report, out.with_name(out.stem + "-selection.png"))
     print(format_table(report, cfg.kind))
@@ -374,13 +387,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_reference)
 
-    s = sub.add_parser("fit", help="fit agent losses (or the conservative model) on a trajectory store")
-    s.add_argument("store")
-    s.add_argument("--config", help="fit config TOML (default: the built-in defaults, see configs/fit.toml)")
+    s = sub.add_parser("fit", help="fit agent losses (or the conservative model) on trajectory stores / "
+                                   "configuration sets")
+    s.add_argument("store", nargs="+", help="stores to fit on (their Gram matrices add; time series are split "
+                                            "along time, configuration sets by a seeded shuffle)")
+    s.add_argument("--validation", action="append", default=[], metavar="STORE",
+                   help="a store used only for validation (repeatable); the fit stores then train on their "
+                        "validation share")
+    s.add_argument("--test", action="append", default=[], metavar="STORE",
+                   help="a store used only for testing (repeatable)")
+    s.add_argument("--config", help="fit config TOML (default: the built-in defaults, see configs/fit.toml; "
+                                    "many-body: configs/fit-manybody.toml)")
     s.add_argument("--kind", choices=["agent", "conservative"])
     s.add_argument("--out", help="model JSON to write (default model-KIND.json)")
     s.add_argument("--cutoff", type=float, help="cutoff mode with this cutoff, Å (default: paper mode)")
-    s.add_argument("--keep", type=int, help="weight functions kept by backward elimination (default 7)")
+    s.add_argument("--angular", action="store_true", help="add the default angular (three-body) invariants")
+    s.add_argument("--quadratic", choices=["none", "pair", "pair+radial", "all"],
+                   help="feature pairs with quadratic coefficients (default: pair)")
+    s.add_argument("--no-prior", action="store_true", help="no short-range repulsion below the training distances")
+    s.add_argument("--split-seed", type=int, help="seed of the configuration-set shuffle (default 0)")
+    s.add_argument("--keep", help="groups kept by backward elimination: a number (default 7), 'best' "
+                                  "(lowest validation error) or 'all' (no elimination)")
     s.add_argument("--frame-stride", type=int, help="use every n-th frame")
     s.add_argument("--chunk-frames", type=int, help="frames per dask task")
     s.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")

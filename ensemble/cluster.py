@@ -51,7 +51,7 @@ def warm_kernels() -> str:
 
     arr = default_angular_basis(3.0).arrays(2)
     fr = angular_frame(pos, box, sp, arr, jacobian=True)
-    angular_vjp(fr.start, fr.nb, fr.geo, sp, fr.t, fr.x, True, *arr.args())
+    fr.vjp(sp, arr, fr.x, True)
     return "warm"
 
 

@@ -281,7 +281,5 @@ def feature_forces(terms: FrameTerms, codes: np.ndarray, spec: FeatureSpec, dh: 
     f = pair_csr_forces(terms.start, terms.nb, terms.geo, codes, terms.g, np.ascontiguousarray(dh[:, :p]),
                         conservative)
     if terms.ang is not None:
-        a = terms.ang
-        f += angular_vjp(a.start, a.nb, a.geo, codes, a.t, np.ascontiguousarray(dh[:, p:]), conservative,
-                         *spec.angular_arrays().args())
+        f += terms.ang.vjp(codes, spec.angular_arrays(), dh[:, p:], conservative)
     return f

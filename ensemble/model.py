@@ -336,8 +336,7 @@ class Model:
             dh = self.dh_dphi(x, codes)
             f = forces_from_pair_terms(pairs, codes, len(kinds), np.ascontiguousarray(dh[:, :p]), g, d, conservative)
             if arr is not None:
-                f += angular_vjp(fr.start, fr.nb, fr.geo, codes, fr.t, np.ascontiguousarray(dh[:, p:]), conservative,
-                                 *arr.args())
+                f += fr.vjp(codes, arr, dh[:, p:], conservative)
             e = self._loss_sum(x, codes)
             if prior is not None:
                 ep, fp = prior_energy_forces(pos, bx, codes, onset, prior.epsilon_ev, prior.decay_angstrom, pairs)

@@ -98,8 +98,8 @@ def test_jacobian_and_forces_equal_finite_differences(couplings):
     owner = np.repeat(np.arange(n), np.diff(fr.start))
     dh = np.random.default_rng(5).normal(size=fr.x.shape)
     arr = basis.arrays(2)
-    f_cons = angular_vjp(fr.start, fr.nb, fr.geo, species, fr.t, dh, True, *arr.args())
-    f_agent = angular_vjp(fr.start, fr.nb, fr.geo, species, fr.t, dh, False, *arr.args())
+    f_cons = angular_vjp(fr.start, fr.nb, fr.geo, species, fr.t, fr.rad, dh, True, *arr.args())
+    f_agent = angular_vjp(fr.start, fr.nb, fr.geo, species, fr.t, fr.rad, dh, False, *arr.args())
     h = 1e-6
     for atom in (0, 5, 11):
         for c in range(3):

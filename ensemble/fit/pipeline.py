@@ -13,18 +13,43 @@ from pathlib import Path
 
 import numpy as np
 
+from ..angular import AngularBasis, default_angular_basis
 from ..configfile import read_toml
-from .gram import SPLITS, Splits, accumulate_gram, backward_elimination, fit_joint, fit_species
+from ..features import QUADRATIC, FeatureSpec
+from .gram import (SPLITS, GramSet, Splits, accumulate_gram, backward_elimination, configuration_splits, fit_joint,
+                   fit_species, frame_splits, shortest_training_distances)
 from ..invariants import WeightSet, orthorhombic_box, paper_weights
 from ..io.store import open_trajectory
-from ..model import Model, coefficients_from_columns
+from ..model import Model
+from ..prior import DEFAULT_MARGIN_ANGSTROM, ShortRangePrior
 
-__all__ = ["FitConfig", "load_fit_config", "fit_store", "FitReport", "format_table"]
+__all__ = ["FitConfig", "load_fit_config", "fit_store", "fit_stores", "FitReport", "format_table", "store_split",
+           "manybody_weights", "MANYBODY_CUTOFF_ANGSTROM"]
+
+KEEP_WORDS = ("all", "best")
+
+
+def manybody_weights() -> WeightSet:
+    """The pair weight functions of the many-body default: 7 of the paper's 18 (exp alpha = 1/2, 1/4;
+    Gaussian sigma = 2, 4, 6 Å; power n = 1, 2). The angular basis's radial functions carry the
+    short-range resolution; all 18 cost 666 quadratic columns per species for no measured gain."""
+    return paper_weights().subset([1, 3, 9, 11, 13, 16, 17])
+
+
+#: the pair cutoff of the many-body default: at most half the smallest training box (9.85 Å for 32 H2O)
+MANYBODY_CUTOFF_ANGSTROM = 4.9
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    """What to fit (see ``configs/fit.toml``)."""
+    """What to fit (see ``configs/fit.toml`` and ``configs/fit-manybody.toml``).
+
+    ``keep``: groups kept by backward elimination (an int: that many; ``"best"``: the step with the
+    lowest validation error; ``"all"``: no elimination). Groups are the pair weight functions and
+    the angular radial functions. ``quadratic``: which feature pairs get quadratic coefficients
+    (:data:`ensemble.features.QUADRATIC`). ``prior``: a short-range repulsion below the shortest
+    training distances minus ``prior_margin_angstrom`` (:mod:`ensemble.prior`). ``split_seed``:
+    the shuffle of configuration sets (time series keep the time-ordered split)."""
 
     kind: str = "agent"
     weights: WeightSet = field(default_factory=paper_weights)
@@ -32,37 +57,92 @@ class FitConfig:
     width_angstrom: float = 1.0
     splits: Splits = field(default_factory=Splits)
     ridge: float = 1e-10
-    keep: int = 7                               # weight functions kept by backward elimination
+    keep: int | str = 7
     chunk_frames: int = 50
     frame_stride: int = 1
+    angular: AngularBasis | None = None
+    quadratic: str = "pair"
+    prior: bool = True
+    prior_margin_angstrom: float = DEFAULT_MARGIN_ANGSTROM
+    split_seed: int = 0
 
     def __post_init__(self):
         if self.kind not in ("agent", "conservative"):
             raise ValueError(f"kind must be 'agent' or 'conservative', got {self.kind!r}")
-        if not 1 <= self.keep <= len(self.weights):
-            raise ValueError(f"keep must be between 1 and {len(self.weights)}, got {self.keep}")
+        n_groups = len(self.weights) + (self.angular.n_radial if self.angular is not None else 0)
+        if isinstance(self.keep, str):
+            if self.keep not in KEEP_WORDS:
+                raise ValueError(f"keep must be an integer or one of {KEEP_WORDS}, got {self.keep!r}")
+        elif not 1 <= self.keep <= n_groups:
+            raise ValueError(f"keep must be between 1 and {n_groups} (weight functions"
+                             f"{' + angular radial functions' if self.angular is not None else ''}), got {self.keep}")
         if self.chunk_frames < 1 or self.frame_stride < 1:
             raise ValueError("chunk_frames and frame_stride must be >= 1")
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if self.quadratic not in QUADRATIC:
+            raise ValueError(f"quadratic must be one of {QUADRATIC}, got {self.quadratic!r}")
+        if self.prior_margin_angstrom < 0:
+            raise ValueError(f"prior_margin_angstrom must be >= 0, got {self.prior_margin_angstrom}")
+
+
+def _angular_from(value, path) -> AngularBasis | None:
+    if value is None or value is False or value == "none":
+        return None
+    if value is True or value == "default":
+        return default_angular_basis()
+    if isinstance(value, AngularBasis):
+        return value
+    if isinstance(value, dict):
+        d = dict(value)
+        d.setdefault("cutoff_angstrom", default_angular_basis().cutoff_angstrom)
+        unknown = set(d) - {"mu_angstrom", "sigma_angstrom", "cutoff_angstrom", "cutoff_width_angstrom", "l_max",
+                            "couplings"}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys in [angular]: {sorted(unknown)}")
+        if "mu_angstrom" not in d:
+            base = default_angular_basis(float(d["cutoff_angstrom"]))
+            d.setdefault("sigma_angstrom", base.sigma_angstrom)
+            d["mu_angstrom"] = base.mu_angstrom
+            d.setdefault("l_max", base.l_max)
+            d.setdefault("couplings", base.couplings)
+        return AngularBasis.from_json(d)
+    raise ValueError(f"{path}: angular must be 'default', 'none' or an [angular] table, got {value!r}")
 
 
 def load_fit_config(path: str | Path | None, **overrides) -> FitConfig:
-    """Read ``[fit]`` and ``[splits]`` of a TOML file (None: defaults); keyword overrides win."""
+    """Read ``[fit]``, ``[angular]`` and ``[splits]`` of a TOML file (None: defaults); keyword overrides win.
+
+    ``angular`` may be ``"default"`` (:func:`ensemble.angular.default_angular_basis`), ``"none"`` or an
+    ``[angular]`` table (mu_angstrom, sigma_angstrom, cutoff_angstrom, cutoff_width_angstrom, l_max,
+    couplings; missing radial functions default to the default basis). With angular invariants the
+    settings not given default to the many-body ones: :func:`manybody_weights`, cutoff mode at
+    :data:`MANYBODY_CUTOFF_ANGSTROM` and ``keep = "best"``.
+    """
     raw: dict = {}
     if path is not None:
         path = Path(path)
         raw = read_toml(path, "fit config", ValueError)
     fit = dict(raw.get("fit", {}))
     known = {"kind", "weights", "neighbour_mode", "cutoff_angstrom", "cutoff_width_angstrom", "ridge", "keep",
-             "chunk_frames", "frame_stride"}
+             "chunk_frames", "frame_stride", "angular", "quadratic", "prior", "prior_margin_angstrom", "split_seed"}
     unknown = set(fit) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys in [fit]: {sorted(unknown)}; known: {sorted(known)}")
+    if "angular" in raw and fit.get("angular", "default") in ("default", True):
+        fit["angular"] = raw["angular"]          # the [angular] table refines angular = "default"
     fit.update({k: v for k, v in overrides.items() if v is not None})
+    angular = _angular_from(fit.get("angular"), path)
+    if angular is not None:
+        fit.setdefault("weights", manybody_weights())
+        fit.setdefault("neighbour_mode", "cutoff")
+        fit.setdefault("cutoff_angstrom", MANYBODY_CUTOFF_ANGSTROM)
+        fit.setdefault("keep", "best")
     weights = fit.get("weights", "paper")
     if weights == "paper":
         ws = paper_weights()
+    elif isinstance(weights, WeightSet):
+        ws = weights
     elif isinstance(weights, list):
         ws = WeightSet.from_json(weights)
     else:
@@ -70,13 +150,18 @@ def load_fit_config(path: str | Path | None, **overrides) -> FitConfig:
     mode = fit.get("neighbour_mode", "paper")
     if mode not in ("paper", "cutoff"):
         raise ValueError(f"{path}: neighbour_mode must be 'paper' or 'cutoff', got {mode!r}")
+    keep = fit.get("keep", 7)
     sp = raw.get("splits", {})
     return FitConfig(kind=fit.get("kind", "agent"), weights=ws,
                      cutoff_angstrom=float(fit.get("cutoff_angstrom", 6.0)) if mode == "cutoff" else None,
                      width_angstrom=float(fit.get("cutoff_width_angstrom", 1.0)),
                      splits=Splits(**{k: float(v) for k, v in sp.items()}) if sp else Splits(),
-                     ridge=float(fit.get("ridge", 1e-10)), keep=int(fit.get("keep", 7)),
-                     chunk_frames=int(fit.get("chunk_frames", 50)), frame_stride=int(fit.get("frame_stride", 1)))
+                     ridge=float(fit.get("ridge", 1e-10)), keep=keep if isinstance(keep, str) else int(keep),
+                     chunk_frames=int(fit.get("chunk_frames", 50)), frame_stride=int(fit.get("frame_stride", 1)),
+                     angular=angular, quadratic=str(fit.get("quadratic", "pair")),
+                     prior=bool(fit.get("prior", True)),
+                     prior_margin_angstrom=float(fit.get("prior_margin_angstrom", DEFAULT_MARGIN_ANGSTROM)),
+                     split_seed=int(fit.get("split_seed", 0)))
 
 
 @dataclass(frozen=True)
@@ -85,55 +170,155 @@ class FitReport:
     table: dict                 # order -> species -> split -> relative RMSE
     conditions: dict            # species (or "joint") -> condition number of the standardized Gram
     curves: dict                # species (or "joint") -> list of (n_kept, validation error, kept labels)
-    chosen: dict                # species -> kept weight labels
+    chosen: dict                # species -> kept group labels
     gram_seconds: float
     frames: int
+    columns: dict = field(default_factory=dict)     # column counts and Gram cost
 
 
-def _model_from_agent(cfg, gram, fits, chosen_idx, masses, provenance, metrics) -> Model:
-    """Agent model over the union of the species' chosen weight functions."""
-    union = sorted(set().union(*chosen_idx.values()))
-    ws = cfg.weights.subset(union)
-    n_sp, m = len(gram.species), len(cfg.weights)
-    p_full = n_sp * m
-    feat = np.array([a * m + w for a in range(n_sp) for w in union])
+def is_configuration_set(ds) -> bool:
+    """A store of configurations (no time axis), as ingested from extxyz without velocities."""
+    return bool(ds.attrs.get("configuration_set", False))
+
+
+def store_split(ds, cfg: FitConfig, role: str = "fit", *, own_validation: bool = True,
+                own_test: bool = True) -> np.ndarray:
+    """Split of each frame of a store (-1 discarded, 0 train, 1 validation, 2 test).
+
+    ``role`` "fit": time series are split along time (the paper's fractions, never shuffled),
+    configuration sets by a seeded shuffle (:func:`ensemble.fit.gram.configuration_splits`);
+    without ``own_validation`` / ``own_test`` (explicit validation / test stores were given)
+    those frames train instead. ``role`` "validation" / "test": every frame in that split.
+    """
+    n = ds.sizes["frame"]
+    if role == "validation":
+        return np.ones(n, dtype=np.int64)
+    if role == "test":
+        return np.full(n, 2, dtype=np.int64)
+    out = (configuration_splits(n, cfg.splits, cfg.split_seed) if is_configuration_set(ds)
+           else frame_splits(n, cfg.splits))
+    if not own_validation:
+        out[out == 1] = 0
+    if not own_test:
+        out[out == 2] = 0
+    return out
+
+
+def _coefficients(coef: np.ndarray, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(A (F,), symmetric B (F, F)) of one species block's column vector."""
+    f = spec.n_features
+    a = np.asarray(coef[:f], dtype=float)
+    b = np.zeros((f, f))
+    j, l = spec.quadratic_pairs()
+    b[j, l] = coef[f:f + len(j)]
+    b[l, j] = coef[f:f + len(j)]
+    return a, b
+
+
+def _subset(spec: FeatureSpec, groups: list[int]) -> tuple[WeightSet, AngularBasis | None, np.ndarray]:
+    """The weight set and angular basis of the kept groups, and the full-layout index of each of
+    their features (in the subset layout's order)."""
+    m = len(spec.weights)
+    s_n = spec.n_species
+    kw = sorted(g for g in groups if g < m)
+    kr = sorted(g - m for g in groups if g >= m)
+    ws = spec.weights.subset(kw)
+    feat = [a * m + w for a in range(s_n) for w in kw]
+    ang = None
+    if spec.angular is not None and kr:
+        ang = spec.angular.subset(kr)
+        nr = spec.angular.n_radial
+        nl = spec.angular.l_max + 1
+        feat += [spec.p + a * nr + r for a in range(s_n) for r in kr]
+        full = {tuple(int(v) for v in c): i for i, c in enumerate(spec.angular.channels(s_n))}
+        for a, b, n, mm in ang.channels(s_n):
+            c = full[(int(a), int(b), kr[n], kr[mm])]
+            feat += [spec.p + s_n * nr + c * nl + l for l in range(nl)]
+    return ws, ang, np.array(feat, dtype=np.int64)
+
+
+def _model(cfg, gram, coefs, groups, masses, provenance, metrics, prior) -> Model:
+    """A model over the kept groups from per-species full-layout coefficient blocks."""
+    if not any(g < len(cfg.weights) for g in groups):
+        groups = sorted(set(groups) | {0})      # a model needs >= 1 weight function (its coefficients stay 0)
+    ws, ang, feat = _subset(gram.spec, groups)
     a_out, b_out = [], []
-    for s, name in enumerate(gram.species):
-        a_full, b_full = coefficients_from_columns(fits[name].coef, p_full)
+    for c in coefs:
+        a_full, b_full = _coefficients(c, gram.spec)
         a_out.append(a_full[feat])
         b_out.append(b_full[np.ix_(feat, feat)])
-    return Model(kind="agent", species=gram.species, masses=masses, weights=ws, A=tuple(a_out), B=tuple(b_out),
+    return Model(kind=gram.kind, species=gram.species, masses=masses, weights=ws, A=tuple(a_out), B=tuple(b_out),
                  cutoff_angstrom=cfg.cutoff_angstrom, width_angstrom=cfg.width_angstrom, metrics=metrics,
-                 provenance=provenance)
+                 provenance=provenance, angular=ang, prior=prior)
 
 
-def _model_from_joint(cfg, gram, fit, keep, masses, provenance, metrics) -> Model:
-    ws = cfg.weights.subset(keep)
-    n_sp, m = len(gram.species), len(cfg.weights)
-    feat = np.array([a * m + w for a in range(n_sp) for w in keep])
-    a_out, b_out = [], []
-    for s in range(n_sp):
-        a_full, b_full = coefficients_from_columns(fit.coef_of(s, gram.block), n_sp * m)
-        a_out.append(a_full[feat])
-        b_out.append(b_full[np.ix_(feat, feat)])
-    return Model(kind="conservative", species=gram.species, masses=masses, weights=ws, A=tuple(a_out),
-                 B=tuple(b_out), cutoff_angstrom=cfg.cutoff_angstrom, width_angstrom=cfg.width_angstrom,
-                 metrics=metrics, provenance=provenance)
+def _choose(curve, keep) -> list[int]:
+    if keep == "all":
+        return curve[0][0]
+    if keep == "best":
+        return min(curve, key=lambda c: (c[1], -len(c[0])))[0]
+    return next(k for k, _, _ in curve if len(k) == keep)
 
 
-def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport:
-    """Fit ``cfg.kind`` on a trajectory store (uses the active dask client, if any)."""
+def _open(store, cfg: FitConfig):
     ds = open_trajectory(store)
     if cfg.frame_stride > 1:
         ds = ds.isel(frame=slice(None, None, cfg.frame_stride))
-    ds = ds.chunk({"frame": cfg.chunk_frames})
+    return ds.chunk({"frame": cfg.chunk_frames})
+
+
+def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport:
+    """Fit ``cfg.kind`` on one trajectory store (uses the active dask client, if any)."""
+    return fit_stores([store], cfg, progress=progress)
+
+
+def fit_stores(stores, cfg: FitConfig, *, validation=(), test=(), progress=print) -> FitReport:
+    """Fit ``cfg.kind`` on several stores at once (time series and / or configuration sets; boxes
+    and systems may differ): their Gram matrices add. Each store is split by :func:`store_split`;
+    ``validation`` / ``test`` stores serve only that split (then the fit stores train on those
+    frames instead). Uses the active dask client, if any.
+    """
+    stores = [Path(s) for s in stores]
+    if not stores:
+        raise ValueError("fit needs at least one store")
+    roles = [("fit", s) for s in stores] + [("validation", s) for s in validation] + [("test", s) for s in test]
+    opened = [(role, Path(path), _open(path, cfg)) for role, path in roles]
+    order = sorted({str(x) for _, _, ds in opened for x in ds["species"].values})
+    masses: dict = {}
+    for _, path, ds in opened:      # the same element from different tables of standard weights agrees to 1e-4
+        for sp_, m in zip((str(x) for x in ds["species"].values), np.asarray(ds["masses"].values, float)):
+            if abs(masses.setdefault(sp_, m) - m) > 1e-3 * m:
+                raise ValueError(f"{path}: species {sp_} has mass {m} amu, another store {masses[sp_]} amu; "
+                                 "one loss per species needs one mass (the first store's is used within 0.1 %)")
+    splits = [store_split(ds, cfg, role, own_validation=not validation, own_test=not test) for role, _, ds in opened]
+    spec = FeatureSpec(len(order), cfg.weights, cfg.angular, cfg.quadratic, cfg.cutoff_angstrom, cfg.width_angstrom)
     t0 = time.perf_counter()
-    gram = accumulate_gram(ds, cfg.weights, kind=cfg.kind, splits=cfg.splits, cutoff_angstrom=cfg.cutoff_angstrom,
-                           width_angstrom=cfg.width_angstrom, quadratic=True)
+    prior = None
+    shortest = np.full((len(order), len(order)), np.inf)
+    for (role, _, ds), split in zip(opened, splits):
+        if role == "fit" and np.any(split == 0):
+            shortest = np.minimum(shortest, shortest_training_distances(ds, split, species_order=order))
+    if cfg.prior:
+        prior = ShortRangePrior(tuple(order), shortest, cfg.prior_margin_angstrom)
+    gram: GramSet | None = None
+    for (role, path, ds), split in zip(opened, splits):
+        part = accumulate_gram(ds, kind=cfg.kind, features=spec, split=split, species_order=order, prior=prior)
+        gram = part if gram is None else gram + part
     gram_s = time.perf_counter() - t0
-    progress(f"Gram reduction: {ds.sizes['frame']} frames in {gram_s:.1f} s "
-             f"({ds.sizes['frame'] / gram_s:.1f} frames/s); columns per species block {gram.block}")
-    masses = tuple(float(ds["masses"].values[[str(x) for x in ds["species"].values].index(s)]) for s in gram.species)
+    n_frames = int(sum(ds.sizes["frame"] for _, _, ds in opened))
+    n_cols = gram.block * (len(order) if cfg.kind == "conservative" else 1)
+    n_rows = int(gram.rows.sum())
+    columns = {"features_per_species": spec.n_features, "pair_features": spec.p, "angular_features": spec.q,
+               "quadratic_columns_per_species": spec.n_quadratic, "columns_per_block": gram.block,
+               "gram_columns": n_cols, "rows": n_rows, "gram_seconds": gram_s,
+               "gram_gflop": n_rows * (n_cols + 1) ** 2 / 1e9,
+               "frames_per_s": n_frames / gram_s if gram_s > 0 else float("nan")}
+    progress(f"Gram reduction: {n_frames} frames of {len(stores) + len(validation) + len(test)} store(s) in "
+             f"{gram_s:.1f} s ({columns['frames_per_s']:.1f} frames/s); {spec.n_features} features "
+             f"({spec.p} pair + {spec.q} angular) and {spec.n_quadratic} quadratic columns per species block, "
+             f"{n_cols} Gram columns, {n_rows} rows")
+    masses_t = tuple(float(masses[s]) for s in order)
+    names = gram.spec.group_names()
     table: dict = {"linear": {}, "quadratic": {}}
     curves: dict = {}
     chosen: dict = {}
@@ -141,42 +326,61 @@ def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         if cfg.kind == "agent":
-            fits, chosen_idx = {}, {}
+            coefs, kept = [], set()
             for s, name in enumerate(gram.species):
-                curve = backward_elimination(gram, s, cfg.ridge)
-                curves[name] = [(len(k), e, [cfg.weights.labels[i] for i in k]) for k, e, _ in curve]
-                keep = next(k for k, _, _ in curve if len(k) == cfg.keep)
-                chosen_idx[name] = keep
-                chosen[name] = [cfg.weights.labels[i] for i in keep]
-                fits[name] = fit_species(gram, s, keep, cfg.ridge)
-                conditions[name] = fits[name].condition
-                table["quadratic"][name] = fits[name].errors
+                if gram.rows[s, 0] == 0:
+                    raise ValueError(f"species {name}: no training rows")
+                curve = (backward_elimination(gram, s, cfg.ridge) if cfg.keep != "all"
+                         else [(list(range(gram.n_groups)), None, None)])
+                curves[name] = [(len(k), e, [names[i] for i in k]) for k, e, _ in curve]
+                keep = _choose(curve, cfg.keep)
+                chosen[name] = [names[i] for i in keep]
+                kept |= set(keep)
+                fit = fit_species(gram, s, keep, cfg.ridge)
+                coefs.append(fit.coef)
+                conditions[name] = fit.condition
+                table["quadratic"][name] = fit.errors
                 table["linear"][name] = fit_species(gram, s, keep, cfg.ridge, quadratic=False).errors
+                if cfg.keep == "all":
+                    curves[name] = [(len(keep), fit.errors["validation"], chosen[name])]
+            groups = sorted(kept)
         else:
-            curve = backward_elimination(gram, None, cfg.ridge)
-            curves["joint"] = [(len(k), e, [cfg.weights.labels[i] for i in k]) for k, e, _ in curve]
-            keep = next(k for k, _, _ in curve if len(k) == cfg.keep)
+            curve = (backward_elimination(gram, None, cfg.ridge) if cfg.keep != "all"
+                     else [(list(range(gram.n_groups)), None, None)])
+            keep = _choose(curve, cfg.keep)
             for name in gram.species:
-                chosen[name] = [cfg.weights.labels[i] for i in keep]
+                chosen[name] = [names[i] for i in keep]
             joint = fit_joint(gram, keep, cfg.ridge)
+            curves["joint"] = [(len(k), e, [names[i] for i in k]) for k, e, _ in curve]
+            if cfg.keep == "all":
+                curves["joint"] = [(len(keep), float(np.nanmean([e["validation"] for e in joint.errors.values()])),
+                                    chosen[gram.species[0]])]
             conditions["joint"] = joint.condition
             lin = fit_joint(gram, keep, cfg.ridge, quadratic=False)
             table["quadratic"] = joint.errors
             table["linear"] = lin.errors
-    metrics = {"relative_rmse": table, "condition_number": conditions, "selection_curve": curves, "chosen_weight_functions": chosen,
-               "splits": cfg.splits.__dict__, "ridge": cfg.ridge, "frames": int(ds.sizes["frame"]),
-               "frame_stride": cfg.frame_stride,
-               "target": "accelerations (Å/fs^2)" if cfg.kind == "agent" else "forces (eV/Å)"}
-    prov = {"store": str(Path(store).resolve()), "store_title": ds.attrs.get("title", ""),
-            "store_source_files": [{k: f.get(k) for k in ("role", "sha256")} for f in ds.attrs.get("source_files", [])],
+            coefs = [joint.coef_of(s, gram.block) for s in range(len(order))]
+            groups = keep
+    metrics = {"relative_rmse": table, "condition_number": conditions, "selection_curve": curves,
+               "chosen_groups": chosen, "splits": cfg.splits.__dict__, "ridge": cfg.ridge, "frames": n_frames,
+               "frame_stride": cfg.frame_stride, "columns": columns, "quadratic": cfg.quadratic,
+               "split_rule": {str(path): ("configuration set: seeded shuffle" if role == "fit" and
+                                          is_configuration_set(ds) else "time-ordered" if role == "fit" else
+                                          f"all {role}") for role, path, ds in opened},
+               "split_seed": cfg.split_seed,
+               "target": ("accelerations (Å/fs^2)" if cfg.kind == "agent" else "forces (eV/Å)")
+               + (" minus the short-range prior's" if prior is not None else "")}
+    boxes = np.concatenate([orthorhombic_box(ds["cell"].values).reshape(-1, 3) for _, _, ds in opened])
+    prov = {"stores": [{"role": role, "path": str(path.resolve()), "title": ds.attrs.get("title", ""),
+                        "frames": int(ds.sizes["frame"]),
+                        "source_files": [{k: f.get(k) for k in ("role", "sha256")}
+                                         for f in ds.attrs.get("source_files", [])]} for role, path, ds in opened],
+            "store": str(stores[0].resolve()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "training_box_angstrom": [float(b) for b in np.min(orthorhombic_box(ds["cell"].values).reshape(-1, 3), axis=0)]}
-    if cfg.kind == "agent":
-        model = _model_from_agent(cfg, gram, fits, chosen_idx, masses, prov, metrics)
-    else:
-        model = _model_from_joint(cfg, gram, joint, keep, masses, prov, metrics)
-    return FitReport(model=model, table=table, conditions=conditions, curves=curves, chosen=chosen, gram_seconds=gram_s,
-                     frames=int(ds.sizes["frame"]))
+            "training_box_angstrom": [float(b) for b in np.min(boxes, axis=0)]}
+    model = _model(cfg, gram, coefs, groups, masses_t, prov, metrics, prior)
+    return FitReport(model=model, table=table, conditions=conditions, curves=curves, chosen=chosen,
+                     gram_seconds=gram_s, frames=n_frames, columns=columns)
 
 
 def format_table(report: FitReport, kind: str) -> str:
@@ -192,16 +396,22 @@ def format_table(report: FitReport, kind: str) -> str:
     for s, labels in report.chosen.items():
         lines.append(f"kept for {s}: {', '.join(labels)}")
     full = {name: curve[0][1] for name, curve in report.curves.items()}
-    lines.append("validation error with all weight functions: "
+    lines.append("validation error with all groups (weight functions, angular radial functions): "
                  + ", ".join(f"{k} {v:.4f}" for k, v in full.items()))
     conds = ", ".join(f"{k} {v:.1e}" for k, v in report.conditions.items())
     lines.append(f"condition number of the standardized Gram matrix (train): {conds}"
                  + ("  [poor: ridge-regularised]" if max(report.conditions.values()) > 1e12 else ""))
+    c = report.columns
+    if c:
+        lines.append(f"columns: {c['features_per_species']} features per species ({c['pair_features']} pair + "
+                     f"{c['angular_features']} angular) + {c['quadratic_columns_per_species']} quadratic; Gram "
+                     f"{c['gram_columns']} columns x {c['rows']} rows ({c['gram_gflop']:.0f} GFLOP of Z^T Z) in "
+                     f"{c['gram_seconds']:.1f} s")
     return "\n".join(lines)
 
 
 def plot_selection(report: FitReport, path: str | Path) -> Path:
-    """Validation relative RMSE vs number of kept weight functions (paper Fig. 2), as PNG."""
+    """Validation relative RMSE vs number of kept groups (paper Fig. 2: weight functions), as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +427,7 @@ def plot_selection(report: FitReport, path: str | Path) -> Path:
         ax.axvline(kept, color="0.5", ls="--", lw=0.8, label=f"kept: {kept}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
-        ax.set_xlabel("weight functions kept")
+        ax.set_xlabel("groups kept (weight functions + angular radial functions)")
         ax.set_ylabel("validation relative RMSE")
         ax.set_title({"joint": "all species (conservative)"}.get(name, name))
         ax.invert_xaxis()

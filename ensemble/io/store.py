@@ -94,28 +94,35 @@ def frame_block(*, step, time_fs, positions, velocities, masses, forces=None, ac
 
     Arrays are (frame, atom, xyz) in Å, Å/fs, eV/Å, Å/fs^2; energies (frame,) in eV; ``cell``
     (frame, cell_vector, xyz) only when it varies. ``accelerations`` default to forces / masses.
+    A configuration set (frames without a time axis) passes ``velocities=None`` and ``time_fs=None``:
+    no velocities, kinetic energy, temperature or time are written.
     """
     from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
     fax = ("frame", "atom", "xyz")
-    data = {"positions": (fax, positions), "velocities": (fax, velocities)}
+    data = {"positions": (fax, positions)}
+    if velocities is not None:
+        data["velocities"] = (fax, velocities)
     if forces is not None:
         data["forces"] = (fax, forces)
         if accelerations is None:
             accelerations = forces / masses[None, :, None] * EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
     if accelerations is not None:
         data["accelerations"] = (fax, accelerations)
-    ke = kinetic_energy_ev(velocities, masses)
-    data["kinetic_energy"] = (("frame",), ke)
-    data["temperature"] = (("frame",), temperature_k(ke, masses.shape[0]))
+    if velocities is not None:
+        ke = kinetic_energy_ev(velocities, masses)
+        data["kinetic_energy"] = (("frame",), ke)
+        data["temperature"] = (("frame",), temperature_k(ke, masses.shape[0]))
     if potential_energy is not None:
         data["potential_energy"] = (("frame",), np.asarray(potential_energy, dtype=float))
     if conserved_energy is not None:
         data["conserved_energy"] = (("frame",), np.asarray(conserved_energy, dtype=float))
     if cell is not None:
         data["cell"] = (("frame", "cell_vector", "xyz"), cell)
-    ds = xr.Dataset(data, coords={"step": ("frame", np.asarray(step, dtype=np.int64)),
-                                  "time": ("frame", np.asarray(time_fs, dtype=float))})
+    coords = {"step": ("frame", np.asarray(step, dtype=np.int64))}
+    if time_fs is not None:
+        coords["time"] = ("frame", np.asarray(time_fs, dtype=float))
+    ds = xr.Dataset(data, coords=coords)
     for name in ds.variables:
         ds[name].attrs["units"] = UNITS[name]
     return ds
@@ -253,9 +260,13 @@ def cell_lengths_angles(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def summarize(ds: xr.Dataset) -> dict:
     """Numbers that describe a trajectory (computed lazily with dask where large)."""
     species, counts = np.unique([str(x) for x in ds["species"].values], return_counts=True)
-    time = ds["time"].values
-    temp = ds["temperature"]
-    t_mean, t_std = (float(x) for x in da.compute(temp.data.mean(), temp.data.std()))
+    configurations = bool(ds.attrs.get("configuration_set", False))
+    time = ds["time"].values if "time" in ds.coords else np.full(ds.sizes["frame"], np.nan)
+    if "temperature" in ds:
+        temp = ds["temperature"]
+        t_mean, t_std = (float(x) for x in da.compute(temp.data.mean(), temp.data.std()))
+    else:
+        t_mean = t_std = float("nan")
     cell = ds["cell"].values
     cell0 = cell if cell.ndim == 2 else cell[0]
     lengths, angles = cell_lengths_angles(cell0)
@@ -270,13 +281,16 @@ def summarize(ds: xr.Dataset) -> dict:
         "temperature_K": {"mean": t_mean, "std": t_std},
         "cell_lengths_angstrom": lengths.tolist(),
         "cell_angles_deg": angles.tolist(),
-        "cell_varies": bool(cell.ndim == 3),
+        "cell_varies": bool(cell.ndim == 3 and not np.allclose(cell, cell[:1])),
+        "configuration_set": configurations,
         "variables": sorted(str(v) for v in ds.data_vars),
         "chunk_frames": int(ds["positions"].encoding.get("chunks", (ds.sizes["frame"],))[0]),
         "acceleration_source": ds.attrs.get("acceleration_source", "unknown"),
     }
     if "kinetic_energy_check" in ds.attrs:
         out["kinetic_energy_check"] = ds.attrs["kinetic_energy_check"]
+    if configurations:          # no time claims: null rather than NaN in JSON
+        out.update(time_fs=None, frame_interval_fs=None, timestep_fs=None, temperature_K=None)
     return out
 
 
@@ -285,15 +299,22 @@ def format_summary(s: dict, name: str = "") -> str:
     sp = ", ".join(f"{k} {v}" for k, v in s["species_counts"].items())
     a, b, c = s["cell_lengths_angstrom"]
     al, be, ga = s["cell_angles_deg"]
-    lines = [
-        f"trajectory    {name}",
-        f"atoms         {s['atoms']} ({sp})",
-        f"frames        {s['frames']} (steps {s['steps'][0]}..{s['steps'][1]}, "
-        f"{s['chunk_frames']} frames per chunk)",
-        f"time          {s['time_fs'][0]:.3f} .. {s['time_fs'][1]:.3f} fs "
-        f"(timestep {s['timestep_fs']:g} fs, a frame every {s['frame_interval_fs']:g} fs)",
-        f"temperature   {s['temperature_K']['mean']:.2f} +- {s['temperature_K']['std']:.2f} K "
-        "(mean +- std over frames, 3N-3 degrees of freedom)",
+    if s.get("configuration_set"):
+        lines = [f"configurations {name}",
+                 f"atoms         {s['atoms']} ({sp})",
+                 f"frames        {s['frames']} independent configurations ({s['chunk_frames']} per chunk)",
+                 "time          none (a configuration set: no time axis, no velocities, no temperature)"]
+    else:
+        lines = [
+            f"trajectory    {name}",
+            f"atoms         {s['atoms']} ({sp})",
+            f"frames        {s['frames']} (steps {s['steps'][0]}..{s['steps'][1]}, "
+            f"{s['chunk_frames']} frames per chunk)",
+            f"time          {s['time_fs'][0]:.3f} .. {s['time_fs'][1]:.3f} fs "
+            f"(timestep {s['timestep_fs']:g} fs, a frame every {s['frame_interval_fs']:g} fs)",
+            f"temperature   {s['temperature_K']['mean']:.2f} +- {s['temperature_K']['std']:.2f} K "
+            "(mean +- std over frames, 3N-3 degrees of freedom)"]
+    lines += [
         f"cell          a b c = {a:.4f} {b:.4f} {c:.4f} A, angles = {al:.2f} {be:.2f} {ga:.2f} deg"
         + (" (varies; first frame shown)" if s["cell_varies"] else ""),
         f"variables     {', '.join(s['variables'])}",
