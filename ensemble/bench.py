@@ -185,6 +185,102 @@ def _phase_breakdown(n_frames: int = 16) -> dict:
             "syrk_gflops": _blas_syrk_gflops(zs[0].shape[0], c)}
 
 
+def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool = True) -> dict:
+    """ms per frame of features, design rows and Z^T Z for one model kind on the embedded data, in
+    this process (one thread), and this process's BLAS syrk rate on the same shapes.
+
+    ``angular``: the many-body default (7 weight functions, cutoff 4.9 Å, default angular basis);
+    otherwise the paper's 18 weight functions (paper mode, or cutoff 4.9 Å)."""
+    from .angular import default_angular_basis
+    from .data import load_default
+    from .features import FeatureSpec, frame_terms
+    from .fit.design import agent_feature_rows, conservative_feature_rows
+    from .fit.pipeline import MANYBODY_CUTOFF_ANGSTROM, manybody_weights
+    from .invariants import paper_weights, species_index
+
+    ds = load_default().isel(frame=slice(0, n_frames))
+    codes, _ = species_index(ds["species"].values)
+    pos = np.ascontiguousarray(ds["positions"].values)
+    target = ds["forces"].values if kind == "conservative" else ds["accelerations"].values
+    box = np.diag(ds["cell"].values)
+    if angular:
+        spec = FeatureSpec(2, manybody_weights(), default_angular_basis(), "pair", MANYBODY_CUTOFF_ANGSTROM, 1.0)
+    else:
+        spec = FeatureSpec(2, paper_weights(), None, "pair", None if paper_mode else MANYBODY_CUTOFF_ANGSTROM, 1.0)
+    n = len(codes)
+    s_n = 2
+    c = spec.block * (s_n if kind == "conservative" else 1)
+    qj, ql = spec.quadratic_pairs()
+    atoms = [np.flatnonzero(codes == s) for s in range(s_n)]
+    rows_of = [(3 * a[:, None] + np.arange(3)).ravel() for a in atoms]
+    zs = [np.empty((n_frames * r.size, c + 1)) for r in rows_of]
+    full = np.zeros((3 * n, c + 1))
+
+    def features(t):
+        terms = frame_terms(pos[t], box, codes, spec, jacobian=spec.angular is not None)
+        return terms, (terms.self_gradient(codes, s_n) if kind == "agent" else None)
+
+    def rows(t, terms, grad):
+        if kind == "conservative":
+            full[:] = 0.0
+            conservative_feature_rows(terms, codes, spec, full)
+            full[:, c] = target[t].ravel()
+            for s in range(s_n):
+                nr = rows_of[s].size
+                zs[s][t * nr:(t + 1) * nr] = full[rows_of[s]]
+        else:
+            for s in range(s_n):
+                nr = rows_of[s].size
+                at = atoms[s]
+                agent_feature_rows(np.ascontiguousarray(terms.x[at]), np.ascontiguousarray(grad[at]), qj, ql,
+                                   np.ascontiguousarray(target[t][at]), 0.01, zs[s][t * nr:(t + 1) * nr])
+
+    rows(0, *features(0))                      # compile / load the kernels
+    t_feat = t_rows = 0.0
+    for t in range(n_frames):
+        a = time.perf_counter()
+        terms, grad = features(t)
+        b = time.perf_counter()
+        rows(t, terms, grad)
+        t_feat += b - a
+        t_rows += time.perf_counter() - b
+    a = time.perf_counter()
+    for z in zs:
+        z.T @ z
+    t_zz = time.perf_counter() - a
+    flop = sum(z.shape[0] for z in zs) * (c + 1) ** 2
+    return {"kind": kind, "features": ("pair + angular" if angular else
+                                       f"pair ({len(spec.weights)}, {'paper mode' if paper_mode else 'cutoff'})"),
+            "columns": c, "features_ms": 1e3 * t_feat / n_frames, "rows_ms": 1e3 * t_rows / n_frames,
+            "ztz_ms": 1e3 * t_zz / n_frames, "flop_per_frame": flop / n_frames,
+            "syrk_gflops": _blas_syrk_gflops(zs[0].shape[0], c + 1)}
+
+
+def bench_gram_kinds(n_frames: int = 8) -> list[dict]:
+    """Per-frame cost of the Gram reduction for both kinds, pair-only and many-body, on one core,
+    beside this machine's syrk rate (the rate the Z^T Z accumulation could reach)."""
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    out = []
+    for angular, paper in ((False, True), (True, False)):
+        for kind in ("agent", "conservative"):
+            out.append(_kind_phases(kind, angular, n_frames, paper))
+    print(f"  per frame, one process (128 H2O; {n_frames} frames; rows + Z^T Z rate vs. syrk on the same shapes):")
+    print(f"  {'kind':>12} {'features':>24} {'columns':>8} {'features':>9} {'rows':>8} {'Z^T Z':>8} {'frames/s':>9} "
+          f"{'rows+ZtZ/syrk':>14} {'all/syrk':>9}")
+    for r in out:
+        tot = r["features_ms"] + r["rows_ms"] + r["ztz_ms"]
+        acc = r["flop_per_frame"] / ((r["rows_ms"] + r["ztz_ms"]) * 1e-3) / 1e9
+        whole = r["flop_per_frame"] / (tot * 1e-3) / 1e9
+        r.update(frames_per_s=1e3 / tot, syrk_fraction_accumulation=acc / r["syrk_gflops"],
+                 syrk_fraction_total=whole / r["syrk_gflops"])
+        print(f"  {r['kind']:>12} {r['features']:>24} {r['columns']:8d} {r['features_ms']:7.1f}ms {r['rows_ms']:6.1f}ms "
+              f"{r['ztz_ms']:6.1f}ms {r['frames_per_s']:9.2f} {r['syrk_fraction_accumulation']:13.0%} "
+              f"{r['syrk_fraction_total']:8.0%}")
+    print(f"  (syrk {out[-1]['syrk_gflops']:.1f} GFLOP/s single thread; the agent rows above are the generic kernel's, "
+          "the paper-mode agent fit itself uses the tuned path measured first)")
+    return out
+
+
 def bench_gram(frames: int | None = None, long_factor: int = 10, workdir: str | Path | None = None) -> dict:
     """Gram reduction of the agent model (paper mode, the paper's 18 weights) on the embedded data.
 
@@ -262,6 +358,7 @@ def bench_gram(frames: int | None = None, long_factor: int = 10, workdir: str | 
           f"= {eff:.0%} of syrk")
     res["syrk_fraction_accumulation"] = acc_rate / ph["syrk_gflops"]
     res["syrk_fraction_total"] = eff
+    res["kinds"] = bench_gram_kinds()
     return res
 
 

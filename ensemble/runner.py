@@ -194,8 +194,9 @@ def check_transfer(model, member: Member, init_box: np.ndarray) -> None:
                             "invariants depend on the box and do not transfer. Fit it with --cutoff, or use tile = 1")
     train = model.provenance.get("training_box_angstrom")
     box = np.asarray(train if train is not None else init_box, float)
-    if model.cutoff_angstrom > 0.5 * box.min() + 1e-9:
-        raise EnsembleError(f"member {member.id}: cutoff {model.cutoff_angstrom:g} Å exceeds half the training box "
+    reach = max(model.cutoff_angstrom, getattr(model.angular, "cutoff_angstrom", 0.0) or 0.0)   # pair / angular
+    if reach > 0.5 * box.min() + 1e-9:
+        raise EnsembleError(f"member {member.id}: cutoff {reach:g} Å exceeds half the training box "
                             f"({0.5 * box.min():.3f} Å); the model does not transfer to a tiled box")
 
 

@@ -42,19 +42,19 @@ def _demo(out, *extra, timeout=600):
 
 def _check_demo_outputs(out, stdout, members):
     assert "384 (H 256, O 128)" in stdout and "frames        1001" in stdout
-    assert "[2/5] fitted agent-paper" in stdout and "[2/5] fitted conservative-c5" in stdout
+    assert "[2/5] fitted agent-paper" in stdout and "[2/5] fitted manybody" in stdout
     doc = json.loads((out / "summary.json").read_text())
     assert len(doc["members"]) == members
     groups = {(g["model"], g["temperature_K"], g["tile"]): g for g in doc["groups"]}
-    assert set(groups) == {("conservative", 280.0, 1), ("conservative", 280.0, 2), ("conservative", 320.0, 1),
-                           ("conservative", 320.0, 2), ("agent", 300.0, 1)}
-    cons = groups[("conservative", 280.0, 2)]
+    assert set(groups) == {("manybody", 280.0, 1), ("manybody", 280.0, 2), ("manybody", 320.0, 1),
+                           ("manybody", 320.0, 2), ("agent", 300.0, 1)}
+    cons = groups[("manybody", 280.0, 2)]
     assert cons["members"] == 2 and 1.0 < cons["oh_bond_mean"] < 1.07 and cons["temperature_err"] is not None
     scorecard = json.loads((out / "report" / "scorecard.json").read_text())
     assert len(scorecard["models"]) == 2 and "stability" in next(iter(scorecard["models"].values()))
     for f in ("figures/ensemble_temperature.png", "figures/ensemble_figures.png", "report/fig6_oh_spectrum.png"):
         assert (out / f).stat().st_size > 10_000, f
-    assert (out / "aggregate.zarr").is_dir() and (out / "models" / "conservative-c5.json").is_file()
+    assert (out / "aggregate.zarr").is_dir() and (out / "models" / "manybody.json").is_file()
     return groups
 
 
@@ -71,7 +71,7 @@ def test_demo_as_in_the_readme(tmp_path):
     out = tmp_path / "demo"
     groups = _check_demo_outputs(out, _demo(out), members=10)
     assert groups[("agent", 300.0, 1)]["failed"] == 2          # the paper's model breaks bonds within 0.3 ps
-    assert groups[("conservative", 320.0, 2)]["failed"] == 0
+    assert groups[("manybody", 320.0, 2)]["failed"] == 0
 
 
 def test_simulate_command_and_its_errors(tmp_path, capsys):

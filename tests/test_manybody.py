@@ -250,35 +250,38 @@ def test_planted_manybody_coefficients_are_recovered(kind):
 
 
 def test_nve_energy_drift_of_a_fitted_angular_conservative_model():
-    """Fit the default many-body conservative model on a slice of the embedded data, run 600 NVE steps
-    (0.3 ps at 0.5 fs) of the 128 H2O: the total energy stays within a bound set by the 0.5 fs step."""
+    """Fit the default many-body conservative model (with its short-range prior) on 40 frames of the
+    embedded data and run 600 NVE steps (0.3 ps at 0.5 fs) of the 128 H2O: the total energy
+    fluctuates by less than 1e-4 of the potential energy scale and does not drift."""
     import dask
 
-    from ensemble.fit.pipeline import load_fit_config
     from ensemble.fit import accumulate_gram, fit_joint
-    from ensemble.fit.pipeline import _coefficients
+    from ensemble.fit.pipeline import _coefficients, load_fit_config
     from ensemble.features import FeatureSpec
     from ensemble.md import velocity_verlet
     from ensemble.units import AMU_A2_PER_FS2_TO_EV
 
     cfg = load_fit_config(None, angular="default", kind="conservative")
     spec = FeatureSpec(2, cfg.weights, cfg.angular, "pair", cfg.cutoff_angstrom, 1.0)
-    ds = load_default().isel(frame=slice(0, 1000, 100)).compute()
+    ds = load_default().isel(frame=slice(0, 1000, 25)).compute()
+    codes, _ = species_index(ds["species"].values, ["H", "O"])
+    boxes = np.tile(np.diag(ds["cell"].values), (ds.sizes["frame"], 1))
+    prior = ShortRangePrior(("H", "O"), shortest_distances(ds["positions"].values, boxes, codes, 2))
     with dask.config.set(scheduler="synchronous"):
-        gram = accumulate_gram(ds.chunk({"frame": 5}), kind="conservative", features=spec,
-                               split=np.zeros(ds.sizes["frame"], np.int64))
-    with warnings.catch_warnings():        # 10 frames for ~700 columns: ridge-regularised, as the pipeline does
+        gram = accumulate_gram(ds.chunk({"frame": 10}), kind="conservative", features=spec,
+                               split=np.zeros(ds.sizes["frame"], np.int64), prior=prior)
+    with warnings.catch_warnings():        # ~700 columns: ridge-regularised, as the pipeline does
         warnings.simplefilter("ignore", RuntimeWarning)
         fit = fit_joint(gram, ridge=1e-8)
-    assert max(fit.errors[s]["train"] for s in ("H", "O")) < 0.2
+    assert max(fit.errors[s]["train"] for s in ("H", "O")) < 0.15
     ab = [_coefficients(fit.coef_of(s, spec.block), spec) for s in range(2)]
     model = Model(kind="conservative", species=("H", "O"), masses=(1.00794, 15.9994), weights=cfg.weights,
                   A=tuple(x[0] for x in ab), B=tuple(x[1] for x in ab), cutoff_angstrom=cfg.cutoff_angstrom,
-                  angular=cfg.angular)
+                  angular=cfg.angular, prior=prior)
     last = load_default().isel(frame=-1).compute()
     masses = last["masses"].values
-    init_fn, step_fn = velocity_verlet(model.force_fn(np.diag(last["cell"].values), last["species"].values), 0.5,
-                                       masses)
+    fn = model.force_fn(np.diag(last["cell"].values), last["species"].values)
+    init_fn, step_fn = velocity_verlet(fn, 0.5, masses)
     state = init_fn(last["positions"].values, last["velocities"].values)
 
     def total(st):
@@ -289,9 +292,9 @@ def test_nve_energy_drift_of_a_fitted_angular_conservative_model():
         state = step_fn(state)
         e.append(total(state))
     e = np.array(e)
-    kinetic = e[0] - state.potential_energy
-    # energy error of velocity Verlet: bounded fluctuations, no drift; 1e-3 of the kinetic energy
+    assert fn.neighbours.builds > 1                       # the Verlet list was rebuilt along the way
     assert np.isfinite(e).all()
-    assert np.abs(e - e[0]).max() < 1e-3 * abs(kinetic) + 0.05
+    # velocity Verlet at 0.5 fs: bounded fluctuations (measured ~0.01 eV for 384 atoms), no drift
+    assert np.abs(e - e[0]).max() < 1e-4 * abs(e[0])
     drift = np.polyfit(np.arange(len(e)) * 0.5e-3, e, 1)[0]        # eV / ps
-    assert abs(drift) < 0.05
+    assert abs(drift) < 0.1

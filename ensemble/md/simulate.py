@@ -87,7 +87,13 @@ def initial_state(init: str, *, frame: int | None = None, temperature_K: float |
 
     box = orthorhombic_box(cell, f"{path} cell")
     masses = np.asarray(ds["masses"].values, float)
-    vel = np.asarray(f["velocities"].values, float)
+    if "velocities" in ds:
+        vel = np.asarray(f["velocities"].values, float)
+    elif temperature_K is not None and seed is not None:
+        vel = np.zeros_like(np.asarray(f["positions"].values, float))      # redrawn below
+    else:
+        raise ValueError(f"--init {init!r}: the store has no velocities (a configuration set); pass --seed (and "
+                         "--init-temperature-K) to draw them from Maxwell-Boltzmann")
     state = tile(InitialState(np.asarray(f["positions"].values, float), vel,
                               tuple(str(s) for s in ds["species"].values), masses, box,
                               f"{Path(path).resolve()} frame {frame % n}"), tile_n)
