@@ -298,3 +298,19 @@ def test_nve_energy_drift_of_a_fitted_angular_conservative_model():
     assert np.abs(e - e[0]).max() < 1e-4 * abs(e[0])
     drift = np.polyfit(np.arange(len(e)) * 0.5e-3, e, 1)[0]        # eV / ps
     assert abs(drift) < 0.1
+
+
+@pytest.mark.parametrize("cutoff,angular,quadratic", [(None, False, "pair"), (4.9, False, "pair"), (4.9, True, "pair"),
+                                                      (4.9, True, "pair+radial")])
+def test_blas_conservative_rows_equal_the_scatter_kernel(water, cutoff, angular, quadratic):
+    from ensemble.fit.design import conservative_rows_blas
+
+    ds = water.isel(atom=slice(0, 120))
+    pos = ds["positions"].values[0]
+    codes, _ = species_index(ds["species"].values, ["H", "O"])
+    spec = FeatureSpec(2, WS, ANG if angular else None, quadratic, cutoff, 1.0)
+    terms = frame_terms(pos, np.diag(ds["cell"].values), codes, spec, jacobian=angular)
+    a = conservative_feature_rows(terms, codes, spec, np.zeros((360, 2 * spec.block + 1)))
+    b = conservative_rows_blas(terms, codes, spec, np.zeros((360, 2 * spec.block + 1)))
+    assert np.abs(a).max() > 1 and not a[:, -1].any()
+    assert_allclose(b, a, rtol=0, atol=1e-12 * np.abs(a).max())

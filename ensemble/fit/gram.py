@@ -35,7 +35,7 @@ from numba import njit
 from ..features import FeatureSpec, frame_terms
 from ..invariants import (WeightSet, _weight, check_cutoff, invariants_frames, neighbour_pairs, orthorhombic_box,
                           pair_geometry, species_index)
-from .design import agent_feature_rows, conservative_feature_rows
+from .design import agent_feature_rows, conservative_feature_rows, conservative_rows_blas
 from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Splits", "GramSet", "SpeciesFit", "JointFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
@@ -292,11 +292,16 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     """Augmented Gram matrices of one frame chunk for any feature spec: (1, S, 3, C + 1, C + 1).
 
     ``target`` is the reference force (conservative, eV/Å) or acceleration (agent, Å/fs^2); the
-    prior's share (``prior`` = (onset, epsilon, decay) or None) is subtracted from it.
+    prior's share (``prior`` = (onset, epsilon, decay) or None) is subtracted from it. Atoms are
+    taken in species order, so each species' rows are one contiguous block (the Gram matrix does
+    not depend on the order of its rows).
     """
     from ..prior import prior_energy_forces
 
-    pos = np.ascontiguousarray(pos)
+    order = np.argsort(codes, kind="stable")
+    codes = np.ascontiguousarray(codes[order])
+    pos = np.ascontiguousarray(np.asarray(pos)[:, order])
+    target = np.asarray(target)[:, order]
     box = np.ascontiguousarray(box.reshape(-1, 3))
     split = split.reshape(-1)
     f, n = pos.shape[0], pos.shape[1]
@@ -304,15 +309,16 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     c = spec.block * (s_n if kind == "conservative" else 1)
     out = np.zeros((1, s_n, 3, c + 1, c + 1))
     qj, ql = spec.quadratic_pairs()
-    atoms = [np.flatnonzero(codes == s) for s in range(s_n)]
-    rows_of = [(3 * a[:, None] + np.arange(3)).ravel() for a in atoms]
+    counts = np.bincount(codes, minlength=s_n)
+    first = np.concatenate([[0], np.cumsum(counts)])
+    z = np.zeros((3 * n, c + 1)) if kind == "conservative" else None
     for a0 in range(0, f, batch):
         frames = [t for t in range(a0, min(a0 + batch, f)) if split[t] >= 0]
         for sp in range(3):
             sel = [t for t in frames if split[t] == sp]
             if not sel:
                 continue
-            zs = [np.empty((len(sel) * rows_of[s].size, c + 1)) for s in range(s_n)]
+            zs = [np.empty((len(sel) * 3 * counts[s], c + 1)) for s in range(s_n)]
             for q, t in enumerate(sel):
                 terms = frame_terms(pos[t], box[t], codes, spec, jacobian=spec.angular is not None)
                 y = np.array(target[t], dtype=float)
@@ -321,17 +327,17 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                                              neighbour_pairs(pos[t], box[t], max(float(prior[0].max()), 1e-3)))[1]
                     y -= fp if kind == "conservative" else fp * scales[codes][:, None]
                 if kind == "conservative":
-                    z = np.zeros((3 * n, c + 1))
-                    conservative_feature_rows(terms, codes, spec, z)
+                    z.fill(0.0)
+                    conservative_rows_blas(terms, codes, spec, z)
                     z[:, c] = y.ravel()
                     for s in range(s_n):
-                        nr = rows_of[s].size
-                        zs[s][q * nr:(q + 1) * nr] = z[rows_of[s]]
+                        nr = 3 * counts[s]
+                        zs[s][q * nr:(q + 1) * nr] = z[3 * first[s]:3 * first[s + 1]]
                 else:
                     grad = terms.self_gradient(codes, s_n)
                     for s in range(s_n):
-                        nr = rows_of[s].size
-                        at = atoms[s]
+                        nr = 3 * counts[s]
+                        at = slice(first[s], first[s + 1])
                         agent_feature_rows(np.ascontiguousarray(terms.x[at]), np.ascontiguousarray(grad[at]), qj, ql,
                                            np.ascontiguousarray(y[at]), scales[s], zs[s][q * nr:(q + 1) * nr])
             for s in range(s_n):
