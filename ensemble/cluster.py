@@ -47,11 +47,30 @@ def warm_kernels() -> str:
             model.force_fn(box, np.array(["O", "H", "H"]))(pos)
     rdf_counts_kernel(pos[None], box, sp, np.array([[0, 1], [1, 2]]), 3.0, 10)
     # angular invariants: features, Jacobian and vector-Jacobian product
-    from .angular import angular_frame, angular_vjp, default_angular_basis
+    from .angular import angular_frame, default_angular_basis
 
     arr = default_angular_basis(3.0).arrays(2)
     fr = angular_frame(pos, box, sp, arr, jacobian=True)
     fr.vjp(sp, arr, fr.x, True)
+    # many-body features, design rows of both kinds (scatter and BLAS paths), the prior, MD forces
+    from .features import FeatureSpec, frame_terms
+    from .fit.design import agent_feature_rows, conservative_feature_rows, conservative_rows_blas
+    from .prior import ShortRangePrior
+
+    spec = FeatureSpec(2, ws.subset([0, 9]), default_angular_basis(3.0), "pair", 3.0, 1.0)
+    terms = frame_terms(pos, box, sp, spec, jacobian=True)
+    width = 2 * spec.block + 1
+    conservative_feature_rows(terms, sp, spec, np.zeros((9, width)))
+    conservative_rows_blas(terms, sp, spec, np.zeros((9, width)))
+    qj, ql = spec.quadratic_pairs()
+    agent_feature_rows(terms.x, terms.self_gradient(sp, 2), qj, ql, np.zeros((3, 3)), 1.0,
+                       np.zeros((9, spec.block + 1)))
+    f = spec.n_features
+    prior = ShortRangePrior(("H", "O"), np.full((2, 2), 1.5))
+    for kind in ("agent", "conservative"):
+        Model(kind, ("H", "O"), (1.008, 15.999), spec.weights, (np.zeros(f), np.zeros(f)),
+              (np.zeros((f, f)), np.zeros((f, f))), cutoff_angstrom=3.0, angular=spec.angular,
+              prior=prior).force_fn(box, np.array(["O", "H", "H"]))(pos)
     return "warm"
 
 

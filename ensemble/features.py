@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
-from .angular import AngularArrays, AngularBasis, AngularFrame, angular_frame, angular_vjp, neighbour_csr
+from .angular import AngularArrays, AngularBasis, AngularFrame, angular_frame, neighbour_csr
 from .invariants import WeightSet, _weight, neighbour_pairs
 
 __all__ = ["QUADRATIC", "FeatureSpec", "FrameTerms", "frame_terms", "feature_forces", "pair_csr_terms"]

@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit
 
 from . import __version__
-from .angular import AngularBasis, angular_frame, angular_vjp
+from .angular import AngularBasis, angular_frame
 from .features import FeatureSpec, feature_forces, frame_terms
 from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, neighbour_pairs, pair_geometry,
                          species_index)

@@ -35,7 +35,7 @@ from numba import njit
 from ..features import FeatureSpec, frame_terms
 from ..invariants import (WeightSet, _weight, check_cutoff, invariants_frames, neighbour_pairs, orthorhombic_box,
                           pair_geometry, species_index)
-from .design import agent_feature_rows, conservative_feature_rows, conservative_rows_blas
+from .design import agent_feature_rows, conservative_rows_blas
 from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Splits", "GramSet", "SpeciesFit", "JointFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
