@@ -363,6 +363,8 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
     g = np.empty((n_species, nr, nl))
     dgv = np.empty((n_species, nr, nl, 3))
     ds = np.empty((nl, 3))
+    g1 = np.empty((n_species, nr, nl, 3))
+    g2 = np.empty((n_species, nr, nl, 3))
     wum = np.empty(nm)
     wd0 = np.empty(nm)
     wd1 = np.empty(nm)
@@ -385,24 +387,38 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
             for b in range(n_species):
                 for mm in range(nr):
                     tb = t_all[k, b, mm]
-                    for p in range(nl):
-                        g[b, mm, p] = 0.0
-                        dgv[b, mm, p, 0] = 0.0
-                        dgv[b, mm, p, 1] = 0.0
-                        dgv[b, mm, p, 2] = 0.0
-                    for tt in range(nm):
-                        p = mono_p[tt]
-                        w = tb[tt]
-                        g[b, mm, p] += w * wum[tt]
-                        dgv[b, mm, p, 0] += w * wd0[tt]
-                        dgv[b, mm, p, 1] += w * wd1[tt]
-                        dgv[b, mm, p, 2] += w * wd2[tt]
+                    for p in range(nl):          # monomials are stored by degree: [p (p+1)(p+2)/6, ...)
+                        s0 = 0.0
+                        s1 = 0.0
+                        s2 = 0.0
+                        s3 = 0.0
+                        for tt in range(p * (p + 1) * (p + 2) // 6, (p + 1) * (p + 2) * (p + 3) // 6):
+                            w = tb[tt]
+                            s0 += w * wum[tt]
+                            s1 += w * wd0[tt]
+                            s2 += w * wd1[tt]
+                            s3 += w * wd2[tt]
+                        g[b, mm, p] = s0
+                        dgv[b, mm, p, 0] = s1
+                        dgv[b, mm, p, 1] = s2
+                        dgv[b, mm, p, 2] = s3
             # rho
             for nn in range(nr):
                 f = si * nr + nn
                 jac[e, f, 0] = drad[nn] * u0
                 jac[e, f, 1] = drad[nn] * u1
                 jac[e, f, 2] = drad[nn] * u2
+            # per (b, m, p): u g and (grad g - p g u) / r, shared by every channel that contracts with T[b, m]
+            for b in range(n_species):
+                for mm in range(nr):
+                    for p in range(nl):
+                        gp = g[b, mm, p]
+                        g1[b, mm, p, 0] = u0 * gp
+                        g1[b, mm, p, 1] = u1 * gp
+                        g1[b, mm, p, 2] = u2 * gp
+                        g2[b, mm, p, 0] = (dgv[b, mm, p, 0] - p * gp * u0) / r
+                        g2[b, mm, p, 1] = (dgv[b, mm, p, 1] - p * gp * u1) / r
+                        g2[b, mm, p, 2] = (dgv[b, mm, p, 2] - p * gp * u2) / r
             for c in range(nch):
                 a = channels[c, 0]
                 b = channels[c, 1]
@@ -410,26 +426,31 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
                     continue
                 nn = channels[c, 2]
                 mm = channels[c, 3]
-                ds[:] = 0.0
-                for side in range(2):
-                    # side 0: T[a, n] moves (if a == si), contracted with T[b, m]; side 1: T[b, m] with T[a, n]
-                    if side == 0:
-                        if a != si:
-                            continue
-                        ro, dro, ob, om = rad[nn], drad[nn], b, mm
-                    else:
-                        if b != si:
-                            continue
-                        ro, dro, ob, om = rad[mm], drad[mm], a, nn
-                    for p in range(nl):
-                        gp = g[ob, om, p]
-                        ds[p, 0] += dro * u0 * gp + ro / r * (dgv[ob, om, p, 0] - p * gp * u0)
-                        ds[p, 1] += dro * u1 * gp + ro / r * (dgv[ob, om, p, 1] - p * gp * u1)
-                        ds[p, 2] += dro * u2 * gp + ro / r * (dgv[ob, om, p, 2] - p * gp * u2)
+                # side 0: T[a, n] moves (if a == si), contracted with T[b, m]; side 1: T[b, m] with T[a, n]
+                for p in range(nl):
+                    d0 = 0.0
+                    d1 = 0.0
+                    d2 = 0.0
+                    if a == si:
+                        ro = rad[nn]
+                        dro = drad[nn]
+                        d0 += dro * g1[b, mm, p, 0] + ro * g2[b, mm, p, 0]
+                        d1 += dro * g1[b, mm, p, 1] + ro * g2[b, mm, p, 1]
+                        d2 += dro * g1[b, mm, p, 2] + ro * g2[b, mm, p, 2]
+                    if b == si:
+                        ro = rad[mm]
+                        dro = drad[mm]
+                        d0 += dro * g1[a, nn, p, 0] + ro * g2[a, nn, p, 0]
+                        d1 += dro * g1[a, nn, p, 1] + ro * g2[a, nn, p, 1]
+                        d2 += dro * g1[a, nn, p, 2] + ro * g2[a, nn, p, 2]
+                    ds[p, 0] = d0
+                    ds[p, 1] = d1
+                    ds[p, 2] = d2
                 dd = 0.0
                 if a == b:          # i = j terms removed: d(R_n R_m)/dr
                     dd = drad[nn] * rad[mm] + rad[nn] * drad[mm]
                 base = n_species * nr + c * nl
+                je = jac[e]
                 for l in range(nl):
                     v0 = -dd * u0
                     v1 = -dd * u1
@@ -439,9 +460,9 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
                         v0 += cl * ds[p, 0]
                         v1 += cl * ds[p, 1]
                         v2 += cl * ds[p, 2]
-                    jac[e, base + l, 0] = v0
-                    jac[e, base + l, 1] = v1
-                    jac[e, base + l, 2] = v2
+                    je[base + l, 0] = v0
+                    je[base + l, 1] = v1
+                    je[base + l, 2] = v2
     return jac
 
 
