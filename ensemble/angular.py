@@ -487,6 +487,8 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
     pum = np.empty(nm)
     dum = np.empty((3, nm))
     pw = np.empty((3, l_max + 1))
+    wr = np.empty(nm)
+    wd = np.empty(nm)
     for k in range(n):
         if start[k] == start[k + 1]:
             continue
@@ -533,36 +535,36 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
             _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
             for tt in range(nm):
                 pum[tt] = mono_p[tt] * um[tt]
-            radial_u = 0.0        # coefficient of u
-            v0 = 0.0
-            v1 = 0.0
-            v2 = 0.0
+            # combine the adjoint over radial functions first: W = sum_n R_n G[n], W' = sum_n R'_n G[n]
+            for tt in range(nm):
+                wr[tt] = 0.0
+                wd[tt] = 0.0
+            dw = 0.0
             for nn in range(nr):
+                rn = rad[nn]
+                dn = drad[nn]
                 gr = gadj[si, nn]
-                sg = 0.0
-                spg = 0.0
-                d0 = 0.0
-                d1 = 0.0
-                d2 = 0.0
                 for tt in range(nm):
-                    gw = gr[tt]
-                    sg += gw * um[tt]
-                    spg += gw * pum[tt]
-                    d0 += gw * dum[0, tt]
-                    d1 += gw * dum[1, tt]
-                    d2 += gw * dum[2, tt]
-                dw = 0.0
+                    wr[tt] += rn * gr[tt]
+                    wd[tt] += dn * gr[tt]
                 for mm in range(nr):
                     # Dg[a, n, m] = sum R_n R_m is stored for n <= m channels only
-                    dw += wdiag[si, nn, mm] * (drad[nn] * rad[mm] + rad[nn] * drad[mm])
-                rr = rad[nn] / r
-                radial_u += drad[nn] * sg - rr * spg + dw
-                v0 += rr * d0
-                v1 += rr * d1
-                v2 += rr * d2
-            v0 += radial_u * u0
-            v1 += radial_u * u1
-            v2 += radial_u * u2
+                    dw += wdiag[si, nn, mm] * (dn * rad[mm] + rn * drad[mm])
+            sg = 0.0
+            spg = 0.0
+            d0 = 0.0
+            d1 = 0.0
+            d2 = 0.0
+            for tt in range(nm):
+                sg += wd[tt] * um[tt]
+                spg += wr[tt] * pum[tt]
+                d0 += wr[tt] * dum[0, tt]
+                d1 += wr[tt] * dum[1, tt]
+                d2 += wr[tt] * dum[2, tt]
+            radial_u = sg - spg / r + dw        # coefficient of u
+            v0 = radial_u * u0 + d0 / r
+            v1 = radial_u * u1 + d1 / r
+            v2 = radial_u * u2 + d2 / r
             # v = dE_k / dd_e: dE_k/dq_k += v, dE_k/dq_i -= v
             f0 -= v0
             f1 -= v1

@@ -214,7 +214,10 @@ class Model:
         out = []
         for b in self.B:
             act = np.flatnonzero(np.any(b != 0, axis=0))
-            out.append((act, np.ascontiguousarray(b[np.ix_(act, act)])))
+            bq = np.ascontiguousarray(b[np.ix_(act, act)])
+            if act.size and act[-1] == act.size - 1:         # a leading range (the pair invariants): a view
+                act = slice(0, act.size)
+            out.append((act, bq))
         return tuple(out)
 
     # ---------------------------------------------------------------- evaluation
@@ -230,20 +233,23 @@ class Model:
         """dH_{s_k}/dx at each atom's features: (N, F)."""
         out = np.empty_like(phi)
         for s, (act, bq) in enumerate(self._quadratic_blocks):
-            at = codes == s
+            at = np.flatnonzero(codes == s)
             out[at] = self.A[s]
-            if act.size:
-                out[np.ix_(at, act)] += phi[np.ix_(at, act)] @ bq
+            if bq.size:
+                if isinstance(act, slice):
+                    out[at, act] += phi[at, act] @ bq
+                else:
+                    out[np.ix_(at, act)] += phi[np.ix_(at, act)] @ bq
         return out
 
     def _loss_sum(self, x: np.ndarray, codes: np.ndarray) -> float:
         """sum_k H_{s_k}(x_k) (eV)."""
         e = 0.0
         for s, (act, bq) in enumerate(self._quadratic_blocks):
-            at = codes == s
+            at = np.flatnonzero(codes == s)
             e += float(np.sum(x[at] @ self.A[s]))
-            if act.size:
-                xa = x[np.ix_(at, act)]
+            if bq.size:
+                xa = x[at, act] if isinstance(act, slice) else x[np.ix_(at, act)]
                 e += 0.5 * float(np.sum((xa @ bq) * xa))
         return e
 
