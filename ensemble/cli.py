@@ -254,21 +254,26 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import analyze, stats_summary_json, write_stats
+    from .analysis import analyze, open_stats, split_frame_range, stats_summary_json, write_stats
     from .io import open_trajectory
     from .io.store import StoreError
 
-    ds = open_trajectory(args.store)
+    path, frames = split_frame_range(args.store)
+    if args.frames and frames is not None:
+        raise UsageError(f"give the frame range once: {args.store!r} already has one, and --frames {args.frames!r}")
+    ds = open_trajectory(path)
     if Path(args.out).exists() and not args.overwrite:
         raise StoreError(f"{args.out} already exists; choose another --out or pass --overwrite")
-    frames = _frame_slice(args.frames, ds.sizes["frame"])
-    stats = analyze(ds.isel(frame=frames), window_fs=args.window_fs, rdf_max=args.rdf_max, rdf_bin=args.rdf_bin,
-                    source=str(args.store))
+    frames = frames if frames is not None else _frame_slice(args.frames, ds.sizes["frame"])
+    if len(range(ds.sizes["frame"])[frames]) < 2:
+        raise UsageError(f"{args.store}: the frame range selects {len(range(ds.sizes['frame'])[frames])} of "
+                         f"{ds.sizes['frame']} frames; need at least 2")
+    stats = analyze(ds.isel(frame=frames), window_fs=args.window_fs, pad=args.pad, rdf_max=args.rdf_max,
+                    rdf_bin=args.rdf_bin, bond_max_angstrom=args.bond_max, source=str(args.store))
     t0 = time.perf_counter()
     write_stats(stats, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} ({stats.sizes['frame']} frames in {time.perf_counter() - t0:.1f} s); "
           f"spectra {stats.attrs['spectra']}")
-    from .analysis import open_stats
     print(stats_summary_json(open_stats(args.out)))
     return 0
 
@@ -292,7 +297,7 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     cards = write_report(args.reference, args.models, args.out, overwrite=args.overwrite, n_blocks=args.blocks,
-                         window_fs=args.window_fs)
+                         window_fs=args.window_fs, pad=args.pad)
     print((Path(args.out) / "scorecard.md").read_text())
     print(f"wrote {args.out}/scorecard.json, scorecard.md and figures; {len(cards)} model(s) compared")
     return 0
@@ -318,7 +323,7 @@ def _outcome(summaries: list[dict], doc: dict) -> str:
     done = sum(s["status"] == "complete" for s in summaries)
     failed = sum(g["failed"] for g in doc["groups"])
     return (f"{done} of {len(summaries)} members complete, {failed} failed a stability criterion "
-            "(O-H > 2 Å, g(r) area > 3, or the run stopped)")
+            "(blow-up, dissociation or structure drift)")
 
 
 def cmd_bench(args) -> int:
@@ -408,23 +413,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_simulate)
 
-    s = sub.add_parser("analyze", help="statistics of a trajectory store (temperatures, bonds, angles, g(r), "
-                                       "spectra) -> STATS.zarr")
-    s.add_argument("store")
+    s = sub.add_parser("analyze", help="statistics of a trajectory store (temperatures, per-frame topology and "
+                                       "ions, bonds, angles, proton transfers, g(r), spectra) -> STATS.zarr")
+    s.add_argument("store", help="trajectory store, optionally STORE:START:STOP[:STRIDE]")
     s.add_argument("--out", required=True, help="statistics store to write (zarr)")
     s.add_argument("--frames", help="START:STOP[:STRIDE] frame indices to analyse (default all)")
-    s.add_argument("--window-fs", type=float, default=100.0, help="spectrum window length, fs (default 100)")
+    s.add_argument("--window-fs", type=float, default=100.0,
+                   help="spectrum window length, fs (default 100: resolution 333 cm^-1)")
+    s.add_argument("--pad", type=int, default=4, help="zero padding of each spectrum window (grid only; default 4)")
+    s.add_argument("--bond-max", type=float, default=1.5,
+                   help="an H farther than this from every O is free, Å (default 1.5)")
     s.add_argument("--rdf-max", type=float, default=6.0, help="g(r) range, Å (at most half the box)")
     s.add_argument("--rdf-bin", type=float, default=0.02, help="g(r) bin width, Å")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("report", help="compare model runs with a reference: scorecard (JSON, Markdown) + figures")
-    s.add_argument("reference", help="reference trajectory or statistics store")
-    s.add_argument("models", nargs="+", help="model trajectory or statistics stores")
+    s.add_argument("reference", help="reference trajectory or statistics store, optionally STORE:START:STOP")
+    s.add_argument("models", nargs="+", help="model trajectory or statistics stores, each optionally STORE:START:STOP")
     s.add_argument("--out", required=True, help="report directory")
     s.add_argument("--blocks", type=int, default=8, help="time blocks for the standard errors (default 8)")
     s.add_argument("--window-fs", type=float, default=100.0, help="spectrum window for trajectory inputs, fs")
+    s.add_argument("--pad", type=int, default=4, help="zero padding of spectrum windows for trajectory inputs")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_report)
 

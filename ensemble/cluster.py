@@ -46,6 +46,8 @@ def warm_kernels() -> str:
                           (np.zeros((n, n)), np.zeros((n, n))), cutoff_angstrom=cutoff)
             model.force_fn(box, np.array(["O", "H", "H"]))(pos)
     rdf_counts_kernel(pos[None], box, sp, np.array([[0, 1], [1, 2]]), 3.0, 10)
+    from .analysis import topology_frames
+    topology_frames(pos[None], box, np.array([0]), np.array([1, 2]), 1.5)
     return "warm"
 
 

@@ -221,13 +221,35 @@ def write_frames(path: Path, block: xr.Dataset, start: int) -> None:
                 consolidated=False, zarr_format=3)
 
 
+def open_zarr(path: str | Path, **kwargs) -> xr.Dataset:
+    """``xr.open_zarr`` of a zarr v3 store written by this package: consolidated metadata when the
+    store has it (every store written now), else the per-array metadata (stores of earlier versions)."""
+    try:
+        return xr.open_zarr(path, consolidated=True, zarr_format=3, **kwargs)
+    except ValueError as exc:
+        if "onsolidated metadata" not in str(exc):
+            raise
+    return xr.open_zarr(path, consolidated=False, zarr_format=3, **kwargs)
+
+
+def write_zarr(ds: xr.Dataset, path: str | Path, **kwargs) -> None:
+    """``ds.to_zarr`` as zarr v3 with consolidated metadata (so plain ``xr.open_zarr`` opens it
+    without a warning). zarr-python notes that consolidated metadata is an extension of the v3
+    specification; xarray and zarr-python read it, so that note is silenced here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        ds.to_zarr(path, consolidated=True, zarr_format=3, **kwargs)
+
+
 def open_trajectory(path: str | Path) -> xr.Dataset:
     """Open a trajectory store lazily (dask arrays chunked as stored)."""
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: no such store")
     try:
-        ds = xr.open_zarr(path, consolidated=False, zarr_format=3)
+        ds = open_zarr(path)
     except Exception as exc:  # zarr/xarray raise many types for a non-store
         raise StoreError(f"{path}: not a readable zarr v3 store ({exc})") from exc
     if ds.attrs.get("schema") != SCHEMA:
