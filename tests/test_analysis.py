@@ -380,7 +380,8 @@ def test_block_average_accounts_for_correlation_and_weights():
 
 def test_bad_settings_are_refused_before_any_work(water200):
     for kwargs, msg in (({"window_fs": 0.0}, "window_fs must be"), ({"rdf_bin": float("nan")}, "rdf_bin must be"),
-                        ({"rdf_bin": 10.0}, "wider than the g\\(r\\) range"), ({"bond_max_angstrom": -1}, "bond_max")):
+                        ({"rdf_bin": 10.0}, "wider than the g\\(r\\) range"), ({"bond_max_angstrom": -1}, "bond_max"),
+                        ({"pad": 0}, "pad")):
         with pytest.raises(AnalysisError, match=msg):
             analyze(water200, **kwargs)
     with pytest.raises(AnalysisError, match="has no 'positions'"):

@@ -87,6 +87,8 @@ def analyze(ds: xr.Dataset, *, window_fs: float = 100.0, pad: int = DEFAULT_PAD,
                         ("bond_max_angstrom", bond_max_angstrom)):
         if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
             raise AnalysisError(f"{name} must be a finite number > 0, got {value!r}")
+    if not (isinstance(pad, (int, np.integer)) and not isinstance(pad, bool) and 1 <= pad <= 64):
+        raise AnalysisError(f"pad (zero padding factor of spectrum windows) must be an integer in 1..64, got {pad!r}")
     if rdf_bin > rdf_max:
         raise AnalysisError(f"rdf_bin {rdf_bin} Å is wider than the g(r) range rdf_max {rdf_max} Å")
     for name in ("positions", "species", "time", "step"):
