@@ -51,6 +51,23 @@ def warm_kernels() -> str:
     return "warm"
 
 
+class _NoComputeFailed:
+    """Drops a worker's "Compute Failed" log record: the client re-raises the task's exception
+    (a user error as one line, a bug with its traceback), so the worker's copy is noise."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def quiet_task_failures() -> None:
+    """Install :class:`_NoComputeFailed` on this process's ``distributed.worker`` logger (once)."""
+    import logging
+
+    log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _NoComputeFailed) for f in log.filters):
+        log.addFilter(_NoComputeFailed())
+
+
 def _warm_plugin_class():
     from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -61,6 +78,7 @@ def _warm_plugin_class():
 
         def setup(self, worker):
             warm_kernels()
+            quiet_task_failures()
 
     return _WarmKernels
 

@@ -152,7 +152,10 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     old = None
     if out.exists():
@@ -255,10 +258,71 @@ def open_trajectory(path: str | Path) -> xr.Dataset:
     if ds.attrs.get("schema") != SCHEMA:
         raise StoreError(f"{path}: attrs['schema'] is {ds.attrs.get('schema')!r}; expected {SCHEMA!r} "
                          "(not a trajectory written by ensemble)")
+    missing = [name for name in ("positions", "species", "cell", "masses") if name not in ds.variables]
+    if missing:
+        raise StoreError(f"{path}: the trajectory has no {', '.join(repr(m) for m in missing)}; "
+                         "expected positions, species, cell and masses (see the trajectory schema)")
     # small coordinates in memory (species as str objects), so grouping and selection need no compute
-    small = {name: ds[name].load() for name in ("step", "time") if name in ds.coords}
-    small["species"] = ds["species"].copy(data=np.array([str(s) for s in ds["species"].values], dtype=object))
-    return ds.assign_coords(small)
+    try:
+        small = {name: ds[name].load() for name in ("step", "time") if name in ds.coords}
+        small["species"] = ds["species"].copy(data=np.array([str(s) for s in ds["species"].values], dtype=object))
+    except Exception as exc:  # a missing or corrupt chunk of a coordinate
+        raise StoreError(f"{path}: cannot read its coordinates ({type(exc).__name__}: {exc})") from None
+    return _strict(ds.assign_coords(small), path)
+
+
+#: per-frame arrays read strictly: a missing or unreadable chunk is an error, never fill values
+STRICT_VARIABLES = ("positions", "velocities", "forces", "accelerations", "kinetic_energy", "temperature")
+
+
+class _StrictChunks:
+    """Array-like over one stored (frame, ...) variable, for ``dask.array.from_array``: every read
+    checks that the chunk files exist (zarr would return fill values for a missing one) and turns
+    a failed read (e.g. a corrupt, undecompressable chunk) into a StoreError naming the store,
+    the variable and the frames."""
+
+    def __init__(self, path: Path, name: str, array):
+        self.path, self.name, self.array = Path(path), name, array
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.chunk_frames = int(array.chunks[0])
+
+    def _chunk_files(self, c: int):
+        import itertools
+
+        grid = [range(-(-n // k)) for n, k in zip(self.shape[1:], self.array.chunks[1:])]
+        for rest in itertools.product(*grid):
+            yield self.path.joinpath(self.name, "c", str(c), *map(str, rest))
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        frames = key[0] if isinstance(key[0], slice) else slice(int(key[0]), int(key[0]) + 1)
+        start, stop, _ = frames.indices(self.shape[0])
+        if stop > start:
+            for c in range(start // self.chunk_frames, (stop - 1) // self.chunk_frames + 1):
+                chunk = next((f for f in self._chunk_files(c) if not f.exists()), None)
+                if chunk is not None:
+                    lo, hi = c * self.chunk_frames, min((c + 1) * self.chunk_frames, self.shape[0]) - 1
+                    raise StoreError(f"{self.path}: variable {self.name!r}, frames {lo}..{hi}: the chunk file "
+                                     f"{chunk.relative_to(self.path)} is missing; the store is incomplete or damaged")
+        try:
+            return np.asarray(self.array[key])
+        except Exception as exc:
+            raise StoreError(f"{self.path}: variable {self.name!r}, frames {start}..{stop - 1} cannot be read "
+                             f"({type(exc).__name__}: {exc}); the store is damaged") from None
+
+
+def _strict(ds: xr.Dataset, path: Path) -> xr.Dataset:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    out = {}
+    for name in STRICT_VARIABLES:
+        if name in ds.data_vars and ds[name].dims and ds[name].dims[0] == "frame":
+            arr = group[name]
+            data = da.from_array(_StrictChunks(path, name, arr), chunks=arr.chunks, asarray=False,
+                                 meta=np.empty((0,) * arr.ndim, dtype=arr.dtype), name=f"strict-{path}-{name}")
+            out[name] = ds[name].copy(data=data)
+    return ds.assign(out)
 
 
 def cell_lengths_angles(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
