@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DynamicsError, UsageError, UserError
+from .files import refuse_aliasing
 
 
 
@@ -73,6 +75,11 @@ def cmd_ingest(args) -> int:
         cell = np.diag(cell) if cell.size == 3 else cell.reshape(3, 3)
     masses = _parse_masses(args.masses)
     src = Path(args.source)
+    inputs = {"SOURCE": src, "--input": args.input}
+    folder, prefix = (src, "") if src.is_dir() else (src.parent, src.name.removesuffix("-pos-1.xyz"))
+    if folder.is_dir():     # a run directory or dir/PROJECT: every file the reader may open is an input
+        inputs.update({f"SOURCE file {f.name}": f for f in folder.iterdir() if f.name.startswith(prefix)})
+    refuse_aliasing({"--out": out}, inputs, containers=["SOURCE"] if src.is_dir() else [])
     fmt = args.format
     if fmt == "auto":
         fmt = "cp2k" if (src.is_dir() or src.name.endswith("-pos-1.xyz")
@@ -112,6 +119,7 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from .io.ase import write_extxyz
 
+    refuse_aliasing({"--out": args.out}, {"STORE": args.store})
     path = write_extxyz(args.store, args.out, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
@@ -259,6 +267,7 @@ def cmd_analyze(args) -> int:
     from .io.store import StoreError
 
     path, frames = split_frame_range(args.store)
+    refuse_aliasing({"--out": args.out}, {"STORE": path})
     if args.frames and frames is not None:
         raise UsageError(f"give the frame range once: {args.store!r} already has one, and --frames {args.frames!r}")
     ds = open_trajectory(path)
@@ -294,8 +303,11 @@ def _frame_slice(text: str | None, n: int) -> slice:
 
 
 def cmd_report(args) -> int:
+    from .analysis import split_frame_range
     from .report import write_report
 
+    refuse_aliasing({"--out": args.out}, {label: split_frame_range(spec)[0] for label, spec in
+                                          [("REFERENCE", args.reference)] + [(f"MODEL {m}", m) for m in args.models]})
     cards = write_report(args.reference, args.models, args.out, overwrite=args.overwrite, n_blocks=args.blocks,
                          window_fs=args.window_fs, pad=args.pad)
     print((Path(args.out) / "scorecard.md").read_text())
@@ -503,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"\ninterrupted. {exc}", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_a_damaged_store_is_an_error_in_every_command_never_fill_values(store, t
     (["analyze", "{store}:0:1", "--out", "{tmp}/a.zarr"], "selects 1 of 5 frames; need at least 2"),
     (["analyze", "{tmp}/nothing.zarr", "--out", "{tmp}/a.zarr"], "nothing.zarr: no such store"),
     (["report", "{store}", "{store}", "--out", "{tmp}/rep", "--blocks", "1"], "--blocks must be an integer >= 2"),
-    (["report", "{store}", "{tmp}", "--out", "{tmp}/rep"], "not a readable zarr v3 store"),
+    (["report", "{store}", str(DATA / "models"), "--out", "{tmp}/rep"], "not a readable zarr v3 store"),
 ])
 def test_bad_option_values_are_one_line_errors(store, tmp_path, capsys, args, message):
     before = tree_hash(store)
@@ -106,3 +106,28 @@ def test_python_dash_m_runs_the_command_line():
     done = subprocess.run([sys.executable, "-m", "ensemble", "info", "/nonexistent.zarr"], capture_output=True,
                           text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == "error: /nonexistent.zarr: no such store"
+
+
+def test_outputs_never_alias_inputs(store, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(DATA / "dft-h2o32", run)
+    before = {p.name: tree_hash(p) for p in [store, run]}
+    cell = ["--cell", "9.8528", "9.8528", "9.8528"]
+    cases = [
+        (["analyze", store, "--out", store, "--overwrite"], "is the input STORE"),
+        (["analyze", f"{store}:0:4", "--out", store / "stats", "--overwrite"], "lies inside the input STORE"),
+        (["export", store, "--out", store / "positions", "--overwrite"], "lies inside the input STORE"),
+        (["report", store, f"{store}:1:4", "--out", store.parent, "--overwrite"], "contains the input REFERENCE"),
+        (["ingest", run, "--out", run / "H2O-32-pos-1.xyz", "--overwrite", *cell], "is the input SOURCE file"),
+        (["ingest", run / "H2O-32", "--out", run / "H2O-32-1.ener", "--overwrite", *cell], "is the input SOURCE file"),
+        (["ingest", run, "--out", run, "--overwrite", *cell], "is the input SOURCE"),
+    ]
+    for args, message in cases:
+        code, err = run_cli(args, capsys)
+        assert code == 2 and message in err and "writing it would destroy the input" in err, (args, err)
+    assert before == {p.name: tree_hash(p) for p in [store, run]}
+    # writing a new store inside a run directory is fine: the directory is a container of inputs
+    assert run_cli(["ingest", run, "--out", run / "new.zarr", *cell], capsys)[0] == 0
+    assert leftovers(run) == [] and leftovers(store.parent) == []

@@ -163,7 +163,10 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         out.rename(old)
     tmp.rename(out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def atomic_write_text(out: str | Path, text: str) -> Path:
