@@ -131,3 +131,14 @@ def test_outputs_never_alias_inputs(store, tmp_path, capsys):
     # writing a new store inside a run directory is fine: the directory is a container of inputs
     assert run_cli(["ingest", run, "--out", run / "new.zarr", *cell], capsys)[0] == 0
     assert leftovers(run) == [] and leftovers(store.parent) == []
+
+
+def test_info_json_carries_provenance(store, capsys):
+    import json
+
+    assert main(["info", str(store), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    prov = doc["provenance"]
+    assert prov["created_by"].startswith("ensemble ") and prov["source_format"] == "cp2k-xyz"
+    roles = {f["role"]: f for f in prov["source_files"]}
+    assert roles["positions"]["path"].endswith("H2O-32-pos-1.xyz") and len(roles["positions"]["sha256"]) == 64

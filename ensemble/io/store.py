@@ -366,6 +366,31 @@ def summarize(ds: xr.Dataset) -> dict:
     }
     if "kinetic_energy_check" in ds.attrs:
         out["kinetic_energy_check"] = ds.attrs["kinetic_energy_check"]
+    out["provenance"] = provenance(ds)
+    return out
+
+
+#: store attrs that say where a store came from and how it was made
+PROVENANCE_ATTRS = ("title", "status", "created_by", "source_format", "source_files", "cell_source", "mass_source",
+                    "acceleration_source", "frame_selection", "reference_run", "initial_state", "ensemble_member",
+                    "model_provenance", "simulation_settings")
+
+
+def provenance(ds: xr.Dataset) -> dict:
+    """Where a store came from: its source files (path, role, size, sha256), the code and settings
+    that made it (JSON-encoded attrs decoded)."""
+    import json
+
+    out = {}
+    for key in PROVENANCE_ATTRS:
+        if key in ds.attrs:
+            value = ds.attrs[key]
+            if isinstance(value, str) and value[:1] in "{[":
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            out[key] = value
     return out
 
 
@@ -383,11 +408,19 @@ def format_summary(s: dict, name: str = "") -> str:
         f"(timestep {s['timestep_fs']:g} fs, a frame every {s['frame_interval_fs']:g} fs)",
         f"temperature   {s['temperature_K']['mean']:.2f} +- {s['temperature_K']['std']:.2f} K "
         "(mean +- std over frames, 3N-3 degrees of freedom)",
-        f"cell          a b c = {a:.4f} {b:.4f} {c:.4f} A, angles = {al:.2f} {be:.2f} {ga:.2f} deg"
+        f"cell          a b c = {a:.4f} {b:.4f} {c:.4f} Å, angles = {al:.2f} {be:.2f} {ga:.2f} deg"
         + (" (varies; first frame shown)" if s["cell_varies"] else ""),
         f"variables     {', '.join(s['variables'])}",
         f"accelerations {s['acceleration_source']}",
     ]
+    prov = s.get("provenance", {})
+    if prov.get("title") or prov.get("created_by"):
+        lines.append(f"made by       {prov.get('created_by', '?')}: {prov.get('title', '')}"
+                     + (f" (status: {prov['status']})" if "status" in prov else ""))
+    for f in prov.get("source_files", [])[:6]:
+        digest = f" sha256 {f['sha256'][:12]}..." if f.get("sha256") else ""
+        lines.append(f"source        {f.get('role', '')} {f.get('path', '')} "
+                     f"({f.get('size_bytes', '?')} bytes{digest})")
     ke = s.get("kinetic_energy_check")
     if ke:
         lines.append(f"KE check      max relative error {ke['max_rel_error']:.2e} against "
