@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
+from .. import thermo
 
 __all__ = ["kinetic", "species_temperature", "angle_from_distances", "weighted_frame_stats"]
 
@@ -23,19 +23,26 @@ def kinetic(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray]:
     (3N - 3 degrees of freedom, as CP2K)."""
     if "kinetic_energy" in ds and "temperature" in ds:
         return ds["kinetic_energy"], ds["temperature"]
-    ke = 0.5 * AMU_A2_PER_FS2_TO_EV * (ds["masses"] * (ds["velocities"] ** 2).sum("xyz")).sum("atom")
-    temp = 2.0 * ke / ((3 * ds.sizes["atom"] - 3) * BOLTZMANN_EV_K)
+    ke = _atom_ke(ds).sum("atom")
+    temp = xr.apply_ufunc(thermo.temperature, ke, kwargs={"dof": thermo.degrees_of_freedom(ds.sizes["atom"])},
+                          dask="parallelized", output_dtypes=[float])
     ke.attrs = {"units": "eV", "long_name": "kinetic energy"}
     temp.attrs = {"units": "K", "long_name": "temperature (3N - 3 degrees of freedom)"}
     return ke.rename("kinetic_energy"), temp.rename("temperature")
 
 
+def _atom_ke(ds: xr.Dataset) -> xr.DataArray:
+    return xr.apply_ufunc(thermo.atom_kinetic_energy, ds["velocities"], ds["masses"],
+                          input_core_dims=[["atom", "xyz"], ["atom"]], output_core_dims=[["atom"]],
+                          dask="parallelized", output_dtypes=[float])
+
+
 def species_temperature(ds: xr.Dataset) -> xr.DataArray:
     """Kinetic temperature per species (frame, species), K: mean kinetic energy per atom / (3/2 k_B)."""
-    ke = 0.5 * AMU_A2_PER_FS2_TO_EV * ds["masses"] * (ds["velocities"] ** 2).sum("xyz")
     labels = xr.DataArray(np.array([str(s) for s in ds["species"].values], dtype=object), dims="atom",
                           name="species")            # in memory: grouping needs known labels
-    out = (ke.drop_vars("species", errors="ignore").groupby(labels).mean() / (1.5 * BOLTZMANN_EV_K))
+    mean_ke = _atom_ke(ds).drop_vars("species", errors="ignore").groupby(labels).mean()
+    out = xr.apply_ufunc(thermo.temperature, mean_ke, kwargs={"dof": 3}, dask="parallelized", output_dtypes=[float])
     out = out.transpose("frame", "species")
     out.attrs = {"units": "K", "long_name": "kinetic temperature per species"}
     return out.rename("species_temperature")

@@ -40,7 +40,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
+from .. import thermo
 from ..errors import UserError
 
 SCHEMA = "ensemble.trajectory/1"
@@ -79,13 +79,12 @@ def default_chunk_frames(n_atoms: int, target_bytes: int = DEFAULT_CHUNK_BYTES) 
 
 def kinetic_energy_ev(velocities: np.ndarray, masses: np.ndarray) -> np.ndarray:
     """Kinetic energy (eV) per frame from velocities (frame, atom, xyz; Å/fs) and masses (amu)."""
-    return 0.5 * AMU_A2_PER_FS2_TO_EV * np.einsum("fax,a->f", velocities * velocities, masses)
+    return np.asarray(thermo.kinetic_energy(velocities, masses))
 
 
 def temperature_k(kinetic_ev: np.ndarray, n_atoms: int) -> np.ndarray:
     """Instantaneous temperature (K) with 3N - 3 degrees of freedom (centre of mass fixed, as CP2K)."""
-    dof = max(3 * n_atoms - 3, 1)
-    return 2.0 * np.asarray(kinetic_ev) / (dof * BOLTZMANN_EV_K)
+    return np.asarray(thermo.temperature(kinetic_ev, thermo.degrees_of_freedom(n_atoms)))
 
 
 def frame_block(*, step, time_fs, positions, velocities, masses, forces=None, accelerations=None,
