@@ -32,6 +32,7 @@ def aggregate_members(stats: dict[str, xr.Dataset], meta: dict[str, dict], *, re
     if not ids:
         raise AnalysisError("no member statistics to aggregate")
     per = []
+    scalar_attrs: dict[str, dict] = {}
     for mid in ids:
         s = stats[mid]
         t = np.asarray(s["time"].values, float)
@@ -40,6 +41,9 @@ def aggregate_members(stats: dict[str, xr.Dataset], meta: dict[str, dict], *, re
         series = series.swap_dims(frame="run_time")
         series = series.rename({v: f"{v}_series" for v in series.data_vars})     # the scalars keep the plain names
         scalars = run_scalars(s, n_blocks)
+        for k, v in scalars.items():
+            scalar_attrs.setdefault(k, {"units": v.units, "long_name": v.label, "note": v.note})
+            scalar_attrs.setdefault(f"{k}_err", {"units": v.units, "long_name": f"standard error of {v.label}"})
         data = {k: xr.DataArray(v.value[0], attrs={"units": v.units, "long_name": v.label, "note": v.note})
                 for k, v in scalars.items()}
         data.update({f"{k}_err": xr.DataArray(v.value[1], attrs={"units": v.units, "long_name": f"standard error of {v.label}"})
@@ -71,6 +75,8 @@ def aggregate_members(stats: dict[str, xr.Dataset], meta: dict[str, dict], *, re
                             tile=("member", np.array(info["tile"], int)), seed=("member", np.array(info["seed"], int)),
                             status=("member", np.array(info["status"], dtype=object)))
     out["failed_criterion"] = out["failed_criterion"].astype(object)
+    for name, attrs in scalar_attrs.items():          # concat drops variable attrs: put the units back
+        out[name].attrs = dict(attrs)
     out["run_time"].attrs["units"] = "fs"
     out["temperature_K"].attrs = {"units": "K", "long_name": "thermostat target"}
     for name in ("member", "model", "tile", "seed", "status"):
