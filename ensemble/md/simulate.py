@@ -7,9 +7,12 @@ Output store (the trajectory schema, plus per-step thermo):
   temperature, potential_energy (the model's E), conserved_energy (NVE: E_kin + E; NVT: the
   Nosé-Hoover chain invariant), with coords step / time / species;
 - per step (dim ``md_step``): ``thermo_kinetic_energy``, ``thermo_temperature``,
-  ``thermo_temperature_<species>``, ``thermo_conserved``, ``thermo_clipped``;
-- group ``checkpoint``: positions, velocities, thermostat chain, step, counts — what ``resume``
-  continues from, bitwise identically;
+  ``thermo_temperature_<species>``, ``thermo_conserved``, ``thermo_clipped``; with the action
+  integrator also ``thermo_iterations`` and ``thermo_residual`` (its fixed point per step), and
+  ``thermo_conserved`` only at frame steps (the energy at the end of a step costs a force
+  evaluation there; NaN between);
+- group ``checkpoint``: positions, velocities, thermostat chain, step, counts (and what the
+  action integrator carries between steps) — what ``resume`` continues from, bitwise identically;
 - attrs ``status``: ``running``, ``complete`` or ``failed: <reason>`` (what was written before a
   failure is kept).
 """
@@ -34,9 +37,14 @@ from ..io.store import frame_block, open_trajectory, with_static
 from ..model import Model
 from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
 from .integrators import ChainState, MDState, kinetic_energy, maxwell_boltzmann, nhc_invariant, \
-    nose_hoover_chain, remove_com_velocity, velocity_verlet
+    remove_com_velocity, thermostatted, velocity_verlet
 
-__all__ = ["InitialState", "initial_state", "tile", "SimulationError", "simulate", "SimulationSummary"]
+__all__ = ["InitialState", "initial_state", "tile", "SimulationError", "simulate", "SimulationSummary", "INTEGRATORS"]
+
+#: ``verlet``: velocity Verlet; ``action``: the learned long-step map (needs an action model);
+#: ``midpoint``: the same map with the learned terms off (the implicit midpoint rule);
+#: ``direct``: the structure-free baseline predictor (needs a direct model)
+INTEGRATORS = ("verlet", "action", "midpoint", "direct")
 
 
 class SimulationError(DynamicsError):
@@ -131,6 +139,8 @@ def _write_checkpoint(root: zarr.Group, state: MDState, frames: int, extra: dict
     if state.chain is not None:
         g.create_array("chain_xi", data=state.chain.xi)
         g.create_array("chain_v", data=state.chain.v)
+    for name in extra.pop("aux_arrays", ()):
+        g.create_array(f"aux_{name}", data=np.asarray(state.aux[name]))
     g.attrs.update({"step": int(state.step), "clipped": int(state.clipped), "frames": int(frames), **extra})
     old = store_path / "checkpoint"
     if old.exists():
@@ -138,18 +148,73 @@ def _write_checkpoint(root: zarr.Group, state: MDState, frames: int, extra: dict
     os.replace(store_path / new, old)
 
 
+def _aux_attrs(state: MDState, aux_arrays) -> dict:
+    if not aux_arrays:
+        return {}
+    return {"aux_arrays": tuple(aux_arrays), "iterations": int(state.aux["iterations"]),
+            "residual_angstrom": float(state.aux["residual_angstrom"])}
+
+
+def _integrator(model: Model, init: InitialState, integrator: str, action, options: dict | None, dt_fs: float,
+                stride: int, max_force):
+    """(init_fn, step_fn, settings) of an NVE integrator."""
+    if integrator not in INTEGRATORS:
+        raise ValueError(f"integrator {integrator!r}; expected one of {INTEGRATORS}")
+    if integrator == "verlet":
+        if action is not None:
+            raise ValueError("an action model needs --integrator action (or direct)")
+        return (*velocity_verlet(model.force_fn(init.box, np.array(init.species)), dt_fs, init.masses,
+                                 max_force_ev_per_angstrom=max_force), {})
+    from .action import ActionModel, ModelPotential, action_integrator, default_features, direct_integrator
+
+    if max_force is not None:
+        raise ValueError(f"--max-force clips forces, which breaks the {integrator} map's structure; leave it out")
+    if integrator == "midpoint":
+        if action is not None:
+            raise ValueError("the midpoint integrator takes no action model")
+        action = ActionModel("action", dt_fs, default_features(model.species), np.zeros(default_features(
+            model.species).n_features))
+    elif action is None:
+        raise ValueError(f"integrator {integrator!r} needs an action model (--action A.json)")
+    want = "direct" if integrator == "direct" else "action"
+    if action.kind != want:
+        raise ValueError(f"integrator {integrator!r} needs a {want!r} model; the action file holds a {action.kind!r} model")
+    if abs(action.dt_fs - dt_fs) > 1e-9 * dt_fs:
+        raise ValueError(f"the {action.kind} model was fitted for steps of {action.dt_fs:g} fs; --dt-fs is {dt_fs:g}")
+    potential = ModelPotential(model, init.box, init.species)
+    options = dict(options or {})
+    settings = {"integrator": integrator, "action_sha256": _digest(action)}
+    if integrator == "direct":
+        return (*direct_integrator(potential, action, init.masses, init.species, init.box), settings)
+    settings["action_options"] = options
+    return (*action_integrator(potential, action, init.masses, init.species, init.box, energy_every=stride,
+                               **options), settings)
+
+
+def _digest(action) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(action.to_json()["coefficients"]).encode()
+                          + json.dumps(action.features.to_json()).encode()).hexdigest()[:16]
+
+
 def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5, temperature_K: float | None = None,
              stride: int = 10, tau_fs: float = 100.0, chain_length: int = 3, max_force_ev_per_angstrom: float | None = None,
              remove_com: bool = True, max_temperature_K: float = 5000.0, checkpoint_every: int = 1000,
              block_frames: int = 100, out: str | Path, resume: bool = False, overwrite: bool = False,
              progress: Callable[[int, int, float], None] | None = None, run_attrs: dict | None = None,
-             write_forces: bool = True) -> SimulationSummary:
+             write_forces: bool = True, integrator: str = "verlet", action=None,
+             action_options: dict | None = None) -> SimulationSummary:
     """Integrate ``steps`` steps (NVT with a Nosé-Hoover chain when ``temperature_K`` is given,
     else NVE) and stream frames every ``stride`` steps to ``out``.
 
     ``resume`` continues a stopped run from its last checkpoint; the result is bitwise identical
     to an uninterrupted run with the same arguments. ``write_forces=False`` leaves forces and
     accelerations out of the frames (half the output; what ensembles of long runs want).
+    ``integrator`` is one of :data:`INTEGRATORS`; ``action`` the
+    :class:`~ensemble.md.action.ActionModel` for ``action`` / ``direct`` (its step must equal
+    ``dt_fs``), ``action_options`` keywords of :func:`~ensemble.md.action.action_integrator`
+    (tolerance, iteration cap, ...).
     """
     out = Path(out)
     if steps < 1 or stride < 1 or dt_fs <= 0:
@@ -161,16 +226,15 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
     bad = {s for s, m in zip(init.species, masses) if abs(model_mass[s] - m) > 1e-6 * m}
     if bad:
         raise ValueError(f"masses of {sorted(bad)} differ between the initial state and the model")
-    force_fn = model.force_fn(init.box, np.array(init.species))
+    init_fn, step_fn, extra_settings = _integrator(model, init, integrator, action, action_options, dt_fs, stride,
+                                                   max_force_ev_per_angstrom)
+    aux_arrays = getattr(init_fn, "aux_arrays", ())
     if temperature_K is None:
-        init_fn, step_fn = velocity_verlet(force_fn, dt_fs, masses, max_force_ev_per_angstrom=max_force_ev_per_angstrom)
-
         def conserved(s):
             return kinetic_energy(s.velocities, masses) + s.potential_energy
     else:
-        init_fn, step_fn = nose_hoover_chain(force_fn, dt_fs, masses, temperature_K, tau_fs=tau_fs,
-                                             chain_length=chain_length,
-                                             max_force_ev_per_angstrom=max_force_ev_per_angstrom)
+        init_fn, step_fn = thermostatted(init_fn, step_fn, dt_fs, masses, temperature_K, tau_fs=tau_fs,
+                                         chain_length=chain_length)
 
         def conserved(s):
             return nhc_invariant(s, masses, temperature_K)
@@ -178,7 +242,7 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
     groups = [np.flatnonzero(np.array(init.species) == s) for s in species_names]
     settings = {"steps": steps, "dt_fs": dt_fs, "temperature_K": temperature_K, "stride": stride, "tau_fs": tau_fs,
                 "chain_length": chain_length, "max_force_ev_per_angstrom": max_force_ev_per_angstrom,
-                "remove_com": remove_com, "kind": model.kind}
+                "remove_com": remove_com, "kind": model.kind, **extra_settings}
     if not write_forces:
         settings["write_forces"] = False
 
@@ -195,6 +259,9 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
         if state.chain is not None:
             chain = ChainState(np.asarray(ck["chain_xi"][:]), np.asarray(ck["chain_v"][:]), state.chain.q)
         state = replace(state, step=int(ck.attrs["step"]), clipped=int(ck.attrs["clipped"]), chain=chain)
+        if aux_arrays:
+            state = replace(state, aux={**{k: ck.attrs[k] for k in ("iterations", "residual_angstrom")},
+                                        **{k: np.asarray(ck[f"aux_{k}"][:]) for k in aux_arrays}})
         frames_written = int(ck.attrs["frames"])
         for name, arr in root.arrays():
             dims = arr.metadata.dimension_names or ()
@@ -256,6 +323,12 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
                     "thermo_clipped": (("md_step",), th[:, 4].astype(np.int64), {"units": "1"})}
             for i, s in enumerate(species_names):
                 data[f"thermo_temperature_{s}"] = (("md_step",), th[:, 5 + i], {"units": "K"})
+            if aux_arrays:
+                k = 5 + len(species_names)
+                data["thermo_iterations"] = (("md_step",), th[:, k].astype(np.int64),
+                                             {"units": "1", "long_name": "fixed-point iterations (force evaluations)"})
+                data["thermo_residual"] = (("md_step",), th[:, k + 1],
+                                           {"units": "angstrom", "long_name": "fixed-point residual at exit"})
             tds = xr.Dataset(data, coords={"md_step": ("md_step", th[:, 0].astype(np.int64), {"units": "1"})})
             tds.attrs = dict(root.attrs)
             if "thermo_temperature" in root:
@@ -279,14 +352,17 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
             if t_all > max_temperature_K:
                 raise SimulationError(f"step {state.step}: temperature {t_all:.0f} K exceeds {max_temperature_K:.0f} K "
                                       "(runaway heating)")
-            buf_thermo.append([state.step, kinetic_energy(v, masses), t_all, conserved(state), state.clipped - before,
-                               *_species_temperatures(v, masses, groups)])
+            row = [state.step, kinetic_energy(v, masses), t_all, conserved(state), state.clipped - before,
+                   *_species_temperatures(v, masses, groups)]
+            if aux_arrays:
+                row += [state.aux["iterations"], state.aux["residual_angstrom"]]
+            buf_thermo.append(row)
             if state.step % stride == 0:
                 buf_frames.append(frame_record(state))
             if len(buf_frames) >= block_frames or state.step % checkpoint_every == 0 or state.step == steps:
                 flush()
                 if state.step % checkpoint_every == 0 or state.step == steps:
-                    _write_checkpoint(root, state, frames_written, {})
+                    _write_checkpoint(root, state, frames_written, _aux_attrs(state, aux_arrays))
             if progress is not None:
                 progress(state.step, steps, time.perf_counter() - t0)
     except SimulationError as exc:
