@@ -39,13 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import DynamicsError, UserError
+from ..errors import UserError
 from ..invariants import VerletList, neighbour_pairs
 from ..model import Model, forces_from_pair_terms, pair_terms
 from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2 as EV_TO_INTERNAL
 from .action_kernels import (_block_offsets, apply_newton, feature_cluster_hessians, find_clusters,
                              model_cluster_hessian, newton_blocks, pair_feature_gradients, pair_features)
 from .integrators import MDState
+from .simulate import SimulationError
 
 __all__ = ["PairFeatures", "BoundFeatures", "ActionModel", "ActionModelError", "ActionDivergence", "ModelPotential", "load_action",
            "action_integrator", "direct_integrator", "default_features", "file_sha256", "FORMAT"]
@@ -58,7 +59,7 @@ class ActionModelError(UserError, ValueError):
     """An action model file is malformed or does not fit the model / system it is applied to."""
 
 
-class ActionDivergence(DynamicsError):
+class ActionDivergence(SimulationError):
     """The fixed point of the long-step map failed (diverged, or a singular Newton matrix)."""
 
 
@@ -207,6 +208,7 @@ class BoundFeatures:
                                    f"({0.5 * float(self.box.min()):.3f} Å)")
         self.kinds, self.params, self.sigmas = spec.radial_arrays()
         self.f_pairs = spec.f_pairs()
+        self.n_features = spec.n_features
         self.verlet = VerletList(self.box, spec.cutoff_angstrom, skin_angstrom)
         self.n_types = len(spec.pair_types)
 
@@ -398,7 +400,8 @@ def _anderson(zs, gs, m):
 
 def action_integrator(potential, action: ActionModel, masses, species, box, *, tol_angstrom: float = 1e-9,
                       max_iter: int = 30, anderson: int = 4, bond_angstrom: float = 1.3,
-                      hessian_cutoff_angstrom: float = 3.0, energy_every: int = 1, coef=None, trace: list | None = None):
+                      hessian_cutoff_angstrom: float = 3.0, energy_every: int = 1, coef=None, trace: list | None = None,
+                      max_move_angstrom: float = 0.2, fail_angstrom: float = 1e-4):
     """NVE long steps of the learned action: ``(init_fn, step_fn)`` like velocity Verlet.
 
     ``potential`` provides ``forces(pos) -> (eV/Å, eV)`` (and ``cluster_hessian`` for a fast
@@ -408,7 +411,10 @@ def action_integrator(potential, action: ActionModel, masses, species, box, *, t
     the state records). ``energy_every``: forces and V at the end of a step (one more force
     evaluation) every that many steps, NaN between. ``coef`` overrides the fitted coefficients
     (zeros: the implicit midpoint rule). ``trace``: a list that receives (step, iteration,
-    residual) of every iteration.
+    residual) of every iteration. Safeguards: an iterate whose residual is not the best so far is
+    replaced by a damped Newton step from the best one; no update moves an atom by more than
+    ``max_move_angstrom``; a step that ends with a residual above ``fail_angstrom`` raises
+    :class:`ActionDivergence` (a :class:`~ensemble.md.simulate.SimulationError`).
 
     The state's ``aux`` holds what the next step's prediction needs (the last midpoint and the
     gradients there) and the last step's ``iterations`` and ``residual_angstrom``.
@@ -490,6 +496,8 @@ def action_integrator(potential, action: ActionModel, masses, species, box, *, t
         zs, gs = [], []
         its = 0
         n3 = q.size
+        best = None                       # (residual, z, Newton step) of the best iterate so far
+        damping = 1.0
         while True:
             f, _, gq, gv = terms(qb, vb)
             its += 1
@@ -500,13 +508,29 @@ def action_integrator(potential, action: ActionModel, masses, species, box, *, t
             if err < tol_angstrom or its >= max_iter or not np.isfinite(err):
                 break
             dq, dv = correction(pc, rq, rv)
-            zs.append(np.concatenate([qb.ravel(), half * vb.ravel()]))
-            gs.append(np.concatenate([dq.ravel(), half * dv.ravel()]))
-            if len(zs) > anderson + 1:
-                zs.pop(0)
-                gs.pop(0)
-            z = _anderson(zs, gs, anderson)
+            z_now = np.concatenate([qb.ravel(), half * vb.ravel()])
+            g_now = np.concatenate([dq.ravel(), half * dv.ravel()])
+            if best is None or err < best[0]:
+                best = (err, z_now, g_now)
+                zs.append(z_now)
+                gs.append(g_now)
+                if len(zs) > anderson + 1:
+                    zs.pop(0)
+                    gs.pop(0)
+                z = _anderson(zs, gs, anderson)
+            else:
+                # no progress: forget the history, a shorter Newton step from the best iterate
+                damping *= 0.5
+                zs, gs = [], []
+                z = best[1] + damping * best[2]
+            step = z - z_now
+            longest = float(np.abs(step[:n3]).max())
+            if longest > max_move_angstrom:                # a trust region: no atom jumps
+                z = z_now + step * (max_move_angstrom / longest)
             qb, vb = z[:n3].reshape(q.shape), z[n3:].reshape(q.shape) / half
+        if not err < fail_angstrom:
+            raise ActionDivergence(f"step {state.step + 1}: the fixed point of the {h:g} fs map did not converge "
+                                   f"(residual {err:.3g} Å after {its} iterations)")
         # the step: x' = x + J grad S at the last midpoint (a final Picard step, free)
         q1 = q + h * vb + h ** 3 * inv_m[:, None] * gv
         v1 = v + h * inv_m[:, None] * (f * EV_TO_INTERNAL - h * h * gq)

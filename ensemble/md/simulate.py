@@ -187,8 +187,8 @@ def _integrator(model: Model, init: InitialState, integrator: str, action, optio
     if integrator == "direct":
         return (*direct_integrator(potential, action, init.masses, init.species, init.box), settings)
     settings["action_options"] = options
-    return (*action_integrator(potential, action, init.masses, init.species, init.box, energy_every=stride,
-                               **options), settings)
+    options.setdefault("energy_every", stride)
+    return (*action_integrator(potential, action, init.masses, init.species, init.box, **options), settings)
 
 
 def _digest(action) -> str:
