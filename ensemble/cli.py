@@ -587,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="a fitted model JSON (default: random coefficients, 7 weights)")
     b.add_argument("--cutoff", type=float, default=5.0, help="cutoff for the cutoff-mode runs, Å")
     b.add_argument("--action", nargs="+", metavar="A.json", help="action models (e.g. 2, 4 and 8 fs, fitted for "
-                                                                  "--model): simulated ps per second against Verlet "
+                                                                  "--model; midpoint:H for the implicit midpoint rule "
+                                                                  "at H fs): simulated ps per second against Verlet "
                                                                   "at 0.5 fs, and fixed-point iterations per step")
     b.add_argument("--action-ps", type=float, default=1.0, help="simulated ps per timed run of the action comparison")
     b.set_defaults(func=cmd_bench)

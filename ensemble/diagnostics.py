@@ -28,8 +28,9 @@ from .units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
 __all__ = ["run_diagnostics", "compare_runs", "vdos_upto", "format_comparison", "SPEED_OF_LIGHT_CM_PER_FS"]
 
 SPEED_OF_LIGHT_CM_PER_FS = 2.99792458e-5
-#: cm^-1 bands whose VDOS peaks are compared (the O-H stretch only where the Nyquist frequency allows)
-BANDS = {"libration": (300.0, 1100.0), "bend": (1300.0, 1900.0), "stretch": (2800.0, 4200.0)}
+#: cm^-1 bands whose VDOS peaks are compared, cut at the Nyquist frequency (the stretch band is wide:
+#: a long step may move it far down)
+BANDS = {"libration": (300.0, 1100.0), "bend": (1300.0, 1900.0), "stretch": (2000.0, 4500.0)}
 
 
 def _series(ds: xr.Dataset, name: str) -> np.ndarray:
@@ -167,16 +168,25 @@ def compare_runs(run, reference, *, n_blocks: int = 8, window_fs: float = 400.0,
     dt_run = float(np.median(np.diff(ds["time"].values)))
     dt_ref = float(np.median(np.diff(ref["time"].values)))
     top = 1.0 / (2.0 * max(dt_run, dt_ref) * SPEED_OF_LIGHT_CM_PER_FS)
+    span = min(float(np.ptp(ds["time"].values)), float(np.ptp(ref["time"].values)))
+    window_fs = min(window_fs, 0.5 * span)
+    vdos = {"max_wavenumber_cm^-1": top, "window_fs": window_fs, "species": {}}
+    if window_fs < 8 * max(dt_run, dt_ref):
+        vdos["skipped"] = f"runs of {span:g} fs are too short for a spectrum"
+        out["vdos"] = vdos
+        out["run"] = run_diagnostics(ds, n_blocks)
+        out["reference"] = run_diagnostics(ref, n_blocks)
+        return out
     v1, v2 = vdos_upto(ds, top, window_fs), vdos_upto(ref, top, window_fs)
     k = v1["wavenumber"].values
-    vdos = {"max_wavenumber_cm^-1": top, "species": {}}
     for s in v1["species"].values:
         y1 = v1.sel(species=s).values
         y2 = np.interp(k, v2["wavenumber"].values, v2.sel(species=s).values)
         dk = k[1] - k[0]
         entry = {"l1_distance": float(np.sum(np.abs(y1 - y2)) * dk)}
         for band, lim in BANDS.items():
-            if lim[1] <= top:
+            if lim[0] < top:
+                lim = (lim[0], min(lim[1], top))
                 entry[f"{band}_peak_run_cm^-1"] = _peak(y1, k, lim)
                 entry[f"{band}_peak_reference_cm^-1"] = _peak(y2, k, lim)
         vdos["species"][str(s)] = entry
@@ -196,7 +206,7 @@ def format_comparison(c: dict) -> str:
     lines.append("g(r) area |g - g_ref| (Å), run vs reference / reference first half vs second half: "
                  + ", ".join(f"{p} {v:.3f} / {c['rdf_area_reference_halves'][p]:.3f}" for p, v in c["rdf_area"].items()))
     v = c["vdos"]
-    parts = []
+    parts = [v["skipped"]] if "skipped" in v else []
     for s, e in v["species"].items():
         peaks = ", ".join(f"{b} {e[f'{b}_peak_run_cm^-1']:.0f} vs {e[f'{b}_peak_reference_cm^-1']:.0f}"
                           for b in BANDS if f"{b}_peak_run_cm^-1" in e)
