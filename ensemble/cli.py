@@ -218,11 +218,74 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_fit_action(args) -> int:
+    from .cluster import open_client
+    from .fit.action import distill, fit_action, format_action_table
+    from .md.action import PairFeatures, default_features
+    from .model import load_model
+
+    model = load_model(args.model)          # a clear error before any work
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
+    if args.dt_fs <= 0:
+        raise UsageError(f"--dt-fs must be > 0, got {args.dt_fs}")
+    features = default_features(model.species, args.cutoff) if args.cutoff else None
+    store = args.store
+    prov = {}
+    if args.distill_ps:
+        store = Path(args.distill_out or out.with_suffix(".distill.zarr"))
+        stride = args.distill_stride_fs or args.dt_fs
+        print(f"distillation: {args.distill_ps:g} ps of velocity Verlet (0.5 fs) with {args.model} from {args.store}, "
+              f"frames every {stride:g} fs -> {store}", file=sys.stderr)
+        distill(args.model, args.store, store, ps=args.distill_ps, stride_fs=stride, overwrite=args.overwrite)
+        prov = {"distilled_from": str(args.store), "distill_ps": args.distill_ps}
+    else:
+        from .io import open_trajectory
+
+        open_trajectory(store)
+    with open_client(args.scheduler, args.workers):
+        rep = fit_action(store, args.model, dt_fs=args.dt_fs, kind=args.kind, features=features,
+                         pair_stride=args.pair_stride, chunk_pairs=args.chunk_pairs, ridge=args.ridge,
+                         progress=lambda m: print(m, file=sys.stderr), provenance=prov)
+    rep.action.save(out)
+    print(format_action_table(rep.action))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare_dynamics(args) -> int:
+    import json as _json
+
+    from .diagnostics import compare_runs, format_comparison
+
+    c = compare_runs(args.run, args.reference, n_blocks=args.blocks, skip_ps=args.skip_ps)
+    print(format_comparison(c))
+    if args.json:
+        from .io.store import atomic_write_text
+
+        atomic_write_text(args.json, _json.dumps(c, indent=1, default=float) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_simulate(args) -> int:
     from .md import initial_state, simulate
     from .model import load_model
 
     model = load_model(args.model)
+    action = None
+    if args.action:
+        from .md.action import load_action
+
+        action = load_action(args.action)
+        action.check_potential(args.model)
+    elif args.integrator in ("action", "direct"):
+        raise UsageError(f"--integrator {args.integrator} needs --action A.json (from `ensemble fit-action`)")
+    options = {k: v for k, v in (("tol_angstrom", args.tol_angstrom), ("max_iter", args.max_iter),
+                                 ("energy_every", args.energy_every)) if v is not None}
+    if options and args.integrator not in ("action", "midpoint"):
+        raise UsageError("--tol-angstrom, --max-iter and --energy-every apply to --integrator action / midpoint")
     try:
         init = initial_state(args.init, temperature_K=args.init_temperature_K if args.seed is not None else None,
                              seed=args.seed, tile_n=args.tile)
@@ -249,7 +312,8 @@ def cmd_simulate(args) -> int:
                            stride=args.stride, tau_fs=args.tau_fs, chain_length=args.chain_length,
                            max_force_ev_per_angstrom=args.max_force, remove_com=not args.keep_com,
                            checkpoint_every=args.checkpoint_every, out=args.out, resume=args.resume,
-                           overwrite=args.overwrite, progress=progress)
+                           overwrite=args.overwrite, progress=progress, integrator=args.integrator, action=action,
+                           action_options=options)
     except ValueError as exc:       # settings that do not fit the model / store / earlier run
         raise UsageError(str(exc)) from None
     if tty:
@@ -258,6 +322,18 @@ def cmd_simulate(args) -> int:
     print(f"wrote {summary.out}: {summary.steps_done} steps, {summary.frames} frames, {summary.status}")
     print(f"mean temperature {summary.mean_temperature_K:.1f} K ({sp}); clipped atom-steps "
           f"{summary.clipped_atom_steps} ({summary.clip_fraction:.2%}); {summary.atom_steps_per_s:.3g} atom-steps/s")
+    from .diagnostics import run_diagnostics
+
+    d = run_diagnostics(summary.out)
+    line = [f"{summary.steps_done * args.dt_fs / 1000 / summary.seconds:.3g} simulated ps per second"]
+    if "energy_drift_meV_per_atom_ps" in d:
+        line.append(f"energy drift {d['energy_drift_meV_per_atom_ps']:+.4f} meV/atom/ps")
+    if "equipartition_gap" in d:
+        line.append(f"|T_H - T_O| / T = {d['equipartition_gap']:.3f}")
+    if "iterations_per_step" in d:
+        line.append(f"fixed-point iterations per step {d['iterations_per_step']['mean']:.2f} "
+                    f"(max {d['iterations_per_step']['max']})")
+    print("; ".join(line))
     return 0
 
 
@@ -344,7 +420,12 @@ def cmd_bench(args) -> int:
     if args.what == "ingest":
         bench.bench_ingest(size_mb=args.size_mb, workdir=args.workdir)
     elif args.what == "md":
-        bench.bench_md(steps=args.steps, model_path=args.model, cutoff_angstrom=args.cutoff)
+        if args.action:
+            if not args.model:
+                raise UsageError("--action needs --model (the conservative model the maps were fitted for)")
+            bench.bench_action(args.model, args.action, ps=args.action_ps)
+        else:
+            bench.bench_md(steps=args.steps, model_path=args.model, cutoff_angstrom=args.cutoff)
     elif args.what == "runner":
         bench.bench_runner(members=args.members, steps=args.steps, model_path=args.model, workdir=args.workdir)
     else:
@@ -419,11 +500,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chain-length", type=int, default=3)
     s.add_argument("--max-force", type=float, help="clip forces to this magnitude, eV/Å")
     s.add_argument("--keep-com", action="store_true", help="do not remove the initial centre-of-mass drift")
+    s.add_argument("--integrator", choices=["verlet", "action", "midpoint", "direct"], default="verlet",
+                   help="velocity Verlet (default); the learned long-step map (--action); the implicit midpoint "
+                        "rule (the map without learned terms); the direct baseline predictor (--action)")
+    s.add_argument("--action", help="action / direct model JSON from `ensemble fit-action` (its dt = --dt-fs)")
+    s.add_argument("--tol-angstrom", type=float, help="fixed-point tolerance of the map, Å (default 1e-9)")
+    s.add_argument("--max-iter", type=int, help="fixed-point iteration cap (default 30)")
+    s.add_argument("--energy-every", type=int, help="the map's energy at the end of a step every n steps "
+                                                     "(one force evaluation each; default: --stride)")
     s.add_argument("--checkpoint-every", type=int, default=1000)
     s.add_argument("--out", required=True)
     s.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("fit-action", help="fit a long-step map (learned action, or the direct baseline) to pairs "
+                                          "of states dt apart, for a conservative model")
+    s.add_argument("store", help="trajectory store with frames every dt (or a divisor); with --distill-ps: "
+                                 "STORE[:FRAME] to start the distillation run from")
+    s.add_argument("--model", required=True, help="the conservative model JSON the map belongs to")
+    s.add_argument("--dt-fs", type=float, required=True, help="the long step h, fs")
+    s.add_argument("--out", required=True, help="action model JSON to write")
+    s.add_argument("--kind", choices=["action", "direct"], default="action")
+    s.add_argument("--distill-ps", type=float, help="first run velocity Verlet (0.5 fs) with the model this long "
+                                                    "and fit on that")
+    s.add_argument("--distill-out", help="store of the distillation run (default OUT.distill.zarr)")
+    s.add_argument("--distill-stride-fs", type=float, help="frame interval of the distillation run (default dt)")
+    s.add_argument("--cutoff", type=float, help="cutoff of the pair features, Å (default 2.6)")
+    s.add_argument("--pair-stride", type=int, default=1, help="use every n-th pair")
+    s.add_argument("--chunk-pairs", type=int, default=50, help="pairs per dask task")
+    s.add_argument("--ridge", type=float, help="ridge (default: chosen on the validation split)")
+    s.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
+    s.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_fit_action)
+
+    s = sub.add_parser("compare-dynamics", help="a run against a fine-step reference run: energy drift, "
+                                                "equipartition, bonds, angles, g(r), VDOS up to the Nyquist frequency")
+    s.add_argument("run", help="trajectory store of the run (e.g. the action integrator at 4 fs)")
+    s.add_argument("--reference", required=True, help="trajectory store of the reference (e.g. Verlet at 0.5 fs)")
+    s.add_argument("--blocks", type=int, default=8, help="time blocks for the standard errors")
+    s.add_argument("--skip-ps", type=float, default=0.0, help="leave out the first ps of both runs")
+    s.add_argument("--json", help="also write the comparison as JSON here")
+    s.set_defaults(func=cmd_compare_dynamics)
 
     s = sub.add_parser("analyze", help="statistics of a trajectory store (temperatures, per-frame topology and "
                                        "ions, bonds, angles, proton transfers, g(r), spectra) -> STATS.zarr")
@@ -489,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=100)
     b.add_argument("--model", help="a fitted model JSON (default: random coefficients, 7 weights)")
     b.add_argument("--cutoff", type=float, default=5.0, help="cutoff for the cutoff-mode runs, Å")
+    b.add_argument("--action", nargs="+", metavar="A.json", help="action models (e.g. 2, 4 and 8 fs, fitted for "
+                                                                  "--model; midpoint:H for the implicit midpoint rule "
+                                                                  "at H fs): simulated ps per second against Verlet "
+                                                                  "at 0.5 fs, and fixed-point iterations per step")
+    b.add_argument("--action-ps", type=float, default=1.0, help="simulated ps per timed run of the action comparison")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -48,6 +48,17 @@ def warm_kernels() -> str:
     rdf_counts_kernel(pos[None], box, sp, np.array([[0, 1], [1, 2]]), 3.0, 10)
     from .analysis import topology_frames
     topology_frames(pos[None], box, np.array([0]), np.array([1, 2]), 1.5)
+    # the long-step map (ensemble.md.action): features, Hessian blocks, Newton blocks, one step
+    from .md.action import ActionModel, ModelPotential, action_integrator, default_features
+
+    feats = default_features(("H", "O"))
+    cons = Model("conservative", ("H", "O"), (1.008, 15.999), ws, (np.zeros(n), np.zeros(n)),
+                 (np.zeros((n, n)), np.zeros((n, n))), cutoff_angstrom=3.0)
+    am = ActionModel("action", 1.0, feats, np.full(feats.n_features, 1e-9))
+    init_fn, step_fn = action_integrator(ModelPotential(cons, box, ["O", "H", "H"]), am, np.array([15.999, 1.008, 1.008]),
+                                         ["O", "H", "H"], box, max_iter=2, fail_angstrom=np.inf)
+    step_fn(init_fn(pos, np.zeros_like(pos)))
+    feats.bind(["O", "H", "H"], np.ones(3), box).columns(pos, np.zeros_like(pos))
     return "warm"
 
 

@@ -7,8 +7,12 @@ Output store (the trajectory schema, plus per-step thermo; written by :mod:`ense
   temperature, potential_energy (the model's E), conserved_energy (NVE: E_kin + E; NVT: the
   Nosé-Hoover chain invariant), with coords step / time / species;
 - per step (dim ``md_step``): ``thermo_kinetic_energy``, ``thermo_temperature``,
-  ``thermo_temperature_<species>``, ``thermo_conserved``, ``thermo_clipped``;
-- group ``checkpoint``: positions, velocities, thermostat chain, step, counts: what ``resume``
+  ``thermo_temperature_<species>``, ``thermo_conserved``, ``thermo_clipped``; with the action
+  integrator also ``thermo_iterations`` and ``thermo_residual`` (its fixed point per step), and
+  ``thermo_conserved`` only at frame steps (the energy at the end of a step costs a force
+  evaluation there; NaN between);
+- group ``checkpoint``: positions, velocities, thermostat chain, step, counts (and what the action
+  integrator carries between steps): what ``resume``
   continues from, bitwise identically; replaced atomically, and the run's fingerprint (model,
   initial state, settings) is kept so a resume cannot continue another run;
 - attrs ``status``: ``running``, ``complete``, ``failed: <reason>`` (what was written before a
@@ -31,11 +35,16 @@ from ..errors import DynamicsError, UserError
 from ..io.store import frame_block, open_trajectory, open_zarr, with_static
 from ..model import Model
 from .integrators import ChainState, MDState, kinetic_energy, maxwell_boltzmann, nhc_invariant, \
-    nose_hoover_chain, remove_com_velocity, velocity_verlet
+    remove_com_velocity, thermostatted, velocity_verlet
 from .output import RunStore, fingerprint
 
 __all__ = ["InitialState", "initial_state", "tile", "SimulationError", "SettingsError", "simulate",
-           "SimulationSummary", "check_initial_state"]
+           "SimulationSummary", "check_initial_state", "INTEGRATORS"]
+
+#: ``verlet``: velocity Verlet; ``action``: the learned long-step map (needs an action model);
+#: ``midpoint``: the same map with the learned terms off (the implicit midpoint rule);
+#: ``direct``: the structure-free baseline predictor (needs a direct model)
+INTEGRATORS = ("verlet", "action", "midpoint", "direct")
 
 
 class SimulationError(DynamicsError):
@@ -174,11 +183,57 @@ def check_initial_state(model: Model, init: InitialState) -> None:
                             "its invariants depend on the box and do not transfer. Fit it with --cutoff, or do not tile")
 
 
-def _checkpoint_arrays(state: MDState) -> dict:
+def _checkpoint_arrays(state: MDState, aux_arrays=()) -> dict:
     arrays = {"positions": state.positions, "velocities": state.velocities}
     if state.chain is not None:
         arrays.update(chain_xi=state.chain.xi, chain_v=state.chain.v)
+    for name in aux_arrays:
+        arrays[f"aux_{name}"] = np.asarray(state.aux[name])
     return arrays
+
+
+def _integrator(model: Model, init: InitialState, integrator: str, action, options: dict | None, dt_fs: float,
+                stride: int, max_force):
+    """(init_fn, step_fn, settings) of an NVE integrator."""
+    if integrator not in INTEGRATORS:
+        raise SettingsError(f"integrator {integrator!r}; expected one of {INTEGRATORS}")
+    if integrator == "verlet":
+        if action is not None:
+            raise SettingsError("an action model needs --integrator action (or direct)")
+        return (*velocity_verlet(model.force_fn(init.box, np.array(init.species)), dt_fs, init.masses,
+                                 max_force_ev_per_angstrom=max_force), {})
+    from .action import ActionModel, ModelPotential, action_integrator, default_features, direct_integrator
+
+    if max_force is not None:
+        raise SettingsError(f"--max-force clips forces, which breaks the {integrator} map's structure; leave it out")
+    if integrator == "midpoint":
+        if action is not None:
+            raise SettingsError("the midpoint integrator takes no action model")
+        action = ActionModel("action", dt_fs, default_features(model.species), np.zeros(default_features(
+            model.species).n_features))
+    elif action is None:
+        raise SettingsError(f"integrator {integrator!r} needs an action model (--action A.json)")
+    want = "direct" if integrator == "direct" else "action"
+    if action.kind != want:
+        raise SettingsError(f"integrator {integrator!r} needs a {want!r} model; the action file holds a "
+                            f"{action.kind!r} model")
+    if abs(action.dt_fs - dt_fs) > 1e-9 * dt_fs:
+        raise SettingsError(f"the {action.kind} model was fitted for steps of {action.dt_fs:g} fs; --dt-fs is {dt_fs:g}")
+    potential = ModelPotential(model, init.box, init.species)
+    options = dict(options or {})
+    settings = {"integrator": integrator, "action_sha256": _action_digest(action)}
+    if integrator == "direct":
+        return (*direct_integrator(potential, action, init.masses, init.species, init.box), settings)
+    settings["action_options"] = options
+    options.setdefault("energy_every", stride)
+    return (*action_integrator(potential, action, init.masses, init.species, init.box, **options), settings)
+
+
+def _action_digest(action) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(action.to_json()["coefficients"]).encode()
+                          + json.dumps(action.features.to_json()).encode()).hexdigest()[:16]
 
 
 def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5, temperature_K: float | None = None,
@@ -186,7 +241,8 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
              remove_com: bool = True, max_temperature_K: float = 5000.0, checkpoint_every: int = 1000,
              block_frames: int = 100, out: str | Path, resume: bool = False, overwrite: bool = False,
              progress: Callable[[int, int, float], None] | None = None, run_attrs: dict | None = None,
-             write_forces: bool = True) -> SimulationSummary:
+             write_forces: bool = True, integrator: str = "verlet", action=None,
+             action_options: dict | None = None) -> SimulationSummary:
     """Integrate ``steps`` steps (NVT with a Nosé-Hoover chain when ``temperature_K`` is given,
     else NVE) and stream frames every ``stride`` steps to ``out``.
 
@@ -195,6 +251,10 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
     checked against the run's fingerprint). ``write_forces=False`` leaves forces and
     accelerations out of the frames (half the output; what ensembles of long runs want). Every
     setting and the initial state are checked before anything is written (SettingsError).
+    ``integrator`` is one of :data:`INTEGRATORS`; ``action`` the
+    :class:`~ensemble.md.action.ActionModel` for ``action`` / ``direct`` (its step must equal
+    ``dt_fs``), ``action_options`` keywords of :func:`~ensemble.md.action.action_integrator`
+    (tolerance, iteration cap, ...).
     """
     out = Path(out)
     for name, value in (("steps", steps), ("stride", stride), ("checkpoint_every", checkpoint_every),
@@ -206,16 +266,15 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
         _finite_positive(name, value, optional=optional)
     check_initial_state(model, init)
     masses = np.asarray(init.masses, float)
-    force_fn = model.force_fn(init.box, np.array(init.species))
+    init_fn, step_fn, extra_settings = _integrator(model, init, integrator, action, action_options, dt_fs, stride,
+                                                   max_force_ev_per_angstrom)
+    aux_arrays = getattr(init_fn, "aux_arrays", ())
     if temperature_K is None:
-        init_fn, step_fn = velocity_verlet(force_fn, dt_fs, masses, max_force_ev_per_angstrom=max_force_ev_per_angstrom)
-
         def conserved(s):
             return kinetic_energy(s.velocities, masses) + s.potential_energy
     else:
-        init_fn, step_fn = nose_hoover_chain(force_fn, dt_fs, masses, temperature_K, tau_fs=tau_fs,
-                                             chain_length=chain_length,
-                                             max_force_ev_per_angstrom=max_force_ev_per_angstrom)
+        init_fn, step_fn = thermostatted(init_fn, step_fn, dt_fs, masses, temperature_K, tau_fs=tau_fs,
+                                         chain_length=chain_length)
 
         def conserved(s):
             return nhc_invariant(s, masses, temperature_K)
@@ -223,7 +282,7 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
     groups = [np.flatnonzero(np.array(init.species) == s) for s in species_names]
     settings = {"steps": steps, "dt_fs": dt_fs, "temperature_K": temperature_K, "stride": stride, "tau_fs": tau_fs,
                 "chain_length": chain_length, "max_force_ev_per_angstrom": max_force_ev_per_angstrom,
-                "remove_com": remove_com, "kind": model.kind}
+                "remove_com": remove_com, "kind": model.kind, **extra_settings}
     if not write_forces:
         settings["write_forces"] = False
     run_fp = fingerprint(model.to_json(), init.positions, init.velocities, init.species, masses, init.box, settings)
@@ -247,10 +306,19 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
                 "thermo_clipped": (("md_step",), th[:, 4].astype(np.int64), {"units": "1"})}
         for i, s in enumerate(species_names):
             data[f"thermo_temperature_{s}"] = (("md_step",), th[:, 5 + i], {"units": "K"})
+        if aux_arrays:
+            k = 5 + len(species_names)
+            data["thermo_iterations"] = (("md_step",), th[:, k].astype(np.int64),
+                                         {"units": "1", "long_name": "fixed-point iterations (force evaluations)"})
+            data["thermo_residual"] = (("md_step",), th[:, k + 1],
+                                       {"units": "angstrom", "long_name": "fixed-point residual at exit"})
         return xr.Dataset(data, coords={"md_step": ("md_step", th[:, 0].astype(np.int64), {"units": "1"})})
 
     def checkpoint_attrs(s, frames):
-        return {"step": int(s.step), "clipped": int(s.clipped), "frames": int(frames)}
+        attrs = {"step": int(s.step), "clipped": int(s.clipped), "frames": int(frames)}
+        if aux_arrays:
+            attrs.update(iterations=int(s.aux["iterations"]), residual_angstrom=float(s.aux["residual_angstrom"]))
+        return attrs
 
     if resume:
         store, ck = RunStore.reopen(out, run_fp)
@@ -259,6 +327,9 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
         if state.chain is not None:
             chain = ChainState(np.asarray(ck.arrays["chain_xi"]), np.asarray(ck.arrays["chain_v"]), state.chain.q)
         state = replace(state, step=ck.step, clipped=ck.clipped, chain=chain)
+        if aux_arrays:
+            state = replace(state, aux={**{k: ck.attrs[k] for k in ("iterations", "residual_angstrom")},
+                                        **{k: np.asarray(ck.arrays[f"aux_{k}"]) for k in aux_arrays}})
         frames_written = ck.frames
         store.set_attrs(status="running")
     else:
@@ -273,8 +344,8 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
                                 "simulation_settings": json.dumps(settings), "run_fingerprint": json.dumps(run_fp),
                                 "temperature_dof": "3N - 3", "created_by": f"ensemble {__version__} simulate",
                                 "status": "running", **(run_attrs or {})})
-        store = RunStore.create(out, first, block_frames, _checkpoint_arrays(state), checkpoint_attrs(state, 1),
-                                overwrite=overwrite)
+        store = RunStore.create(out, first, block_frames, _checkpoint_arrays(state, aux_arrays),
+                                checkpoint_attrs(state, 1), overwrite=overwrite)
         frames_written = 1
 
     buf_frames: list = []
@@ -301,15 +372,18 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
             if t_all > max_temperature_K:
                 raise SimulationError(f"step {state.step}: temperature {t_all:.0f} K exceeds {max_temperature_K:.0f} K "
                                       "(runaway heating)")
-            buf_thermo.append([state.step, kinetic_energy(v, masses), t_all, conserved(state), state.clipped - before,
-                               *_species_temperatures(v, masses, groups)])
+            row = [state.step, kinetic_energy(v, masses), t_all, conserved(state), state.clipped - before,
+                   *_species_temperatures(v, masses, groups)]
+            if aux_arrays:
+                row += [state.aux["iterations"], state.aux["residual_angstrom"]]
+            buf_thermo.append(row)
             if state.step % stride == 0:
                 buf_frames.append(frame_record(state))
             at_checkpoint = state.step % checkpoint_every == 0 or state.step == steps
             if len(buf_frames) >= block_frames or at_checkpoint:
                 flush()
                 if at_checkpoint:
-                    store.checkpoint(_checkpoint_arrays(state), checkpoint_attrs(state, frames_written))
+                    store.checkpoint(_checkpoint_arrays(state, aux_arrays), checkpoint_attrs(state, frames_written))
             if progress is not None:
                 progress(state.step, steps, time.perf_counter() - t0)
     except SimulationError as exc:
