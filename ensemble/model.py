@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -202,13 +201,14 @@ class Model:
     def neighbour_mode(self) -> str:
         return "paper" if self.cutoff_angstrom is None else "cutoff"
 
-    @cached_property
+    @property
     def spec(self) -> FeatureSpec:
-        """The feature layout (pair invariants, then angular ones)."""
+        """The feature layout (pair invariants, then angular ones). Built on each access (cheap): a
+        Model keeps nothing but its fields, so ``Model(**model.__dict__)`` round-trips."""
         return FeatureSpec(len(self.species), self.weights, self.angular, "none", self.cutoff_angstrom,
                            self.width_angstrom)
 
-    @cached_property
+    @property
     def _quadratic_blocks(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         """Per species, the features with any quadratic coefficient and B restricted to them."""
         out = []
@@ -229,10 +229,10 @@ class Model:
         kinds, params = self.weights.arrays()
         return codes, cutoff, width, kinds, params
 
-    def dh_dphi(self, phi: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """dH_{s_k}/dx at each atom's features: (N, F)."""
+    def dh_dphi(self, phi: np.ndarray, codes: np.ndarray, blocks=None) -> np.ndarray:
+        """dH_{s_k}/dx at each atom's features: (N, F) (``blocks``: :attr:`_quadratic_blocks`, if at hand)."""
         out = np.empty_like(phi)
-        for s, (act, bq) in enumerate(self._quadratic_blocks):
+        for s, (act, bq) in enumerate(self._quadratic_blocks if blocks is None else blocks):
             at = np.flatnonzero(codes == s)
             out[at] = self.A[s]
             if bq.size:
@@ -242,10 +242,10 @@ class Model:
                     out[np.ix_(at, act)] += phi[np.ix_(at, act)] @ bq
         return out
 
-    def _loss_sum(self, x: np.ndarray, codes: np.ndarray) -> float:
+    def _loss_sum(self, x: np.ndarray, codes: np.ndarray, blocks=None) -> float:
         """sum_k H_{s_k}(x_k) (eV)."""
         e = 0.0
-        for s, (act, bq) in enumerate(self._quadratic_blocks):
+        for s, (act, bq) in enumerate(self._quadratic_blocks if blocks is None else blocks):
             at = np.flatnonzero(codes == s)
             e += float(np.sum(x[at] @ self.A[s]))
             if bq.size:
@@ -292,6 +292,7 @@ class Model:
         if self._generic:
             return self._generic_force_fn(codes, bx, cutoff, width, kinds, params, skin_angstrom)
         verlet = VerletList(bx, cutoff, skin_angstrom) if cutoff > 0 else None
+        blocks = self._quadratic_blocks
 
         def fn(positions):
             pos = np.ascontiguousarray(positions, dtype=float)
@@ -299,15 +300,18 @@ class Model:
                 # cutoff mode: one pass over the Verlet list, per-pair terms reused for the forces
                 pairs = verlet(pos)
                 phi, g, d = pair_terms(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
-                dh = self.dh_dphi(phi, codes)
-                return forces_from_pair_terms(pairs, codes, len(kinds), dh, g, d, not agent), self._loss_sum(phi, codes)
+                dh = self.dh_dphi(phi, codes, blocks)
+                return (forces_from_pair_terms(pairs, codes, len(kinds), dh, g, d, not agent),
+                        self._loss_sum(phi, codes, blocks))
             # paper mode: all N^2 pairs, without per-pair arrays
             phi, grad = invariants_frame(pos, bx, codes, n_sp, kinds, params, cutoff, width)
             phi = phi.reshape(n_all, -1)
-            dh = self.dh_dphi(phi, codes)
+            dh = self.dh_dphi(phi, codes, blocks)
             if agent:
-                return -np.einsum("kj,kjc->kc", dh, grad.reshape(n_all, phi.shape[1], 3)), self._loss_sum(phi, codes)
-            return conservative_forces(pos, bx, codes, n_sp, kinds, params, cutoff, width, dh), self._loss_sum(phi, codes)
+                return (-np.einsum("kj,kjc->kc", dh, grad.reshape(n_all, phi.shape[1], 3)),
+                        self._loss_sum(phi, codes, blocks))
+            return (conservative_forces(pos, bx, codes, n_sp, kinds, params, cutoff, width, dh),
+                    self._loss_sum(phi, codes, blocks))
 
         fn.neighbours = verlet
         return fn
@@ -317,11 +321,13 @@ class Model:
         features and their vector-Jacobian product from the same list, the prior on top."""
         n_sp = len(self.species)
         conservative = self.kind == "conservative"
-        p = self.spec.p
-        arr = self.spec.angular_arrays()
+        spec = self.spec
+        p = spec.p
+        arr = spec.angular_arrays()
+        blocks = self._quadratic_blocks
         prior = self.prior
         onset = prior.onset_angstrom if prior is not None else None
-        reach = max(self.spec.reach_angstrom(), float(onset.max()) if prior is not None else 0.0)
+        reach = max(spec.reach_angstrom(), float(onset.max()) if prior is not None else 0.0)
         if cutoff > 0:
             verlet = VerletList(bx, reach, skin)
             ang_verlet = None
@@ -339,11 +345,11 @@ class Model:
                 x = np.concatenate([phi, fr.x], axis=1)
             else:
                 x = phi
-            dh = self.dh_dphi(x, codes)
+            dh = self.dh_dphi(x, codes, blocks)
             f = forces_from_pair_terms(pairs, codes, len(kinds), np.ascontiguousarray(dh[:, :p]), g, d, conservative)
             if arr is not None:
                 f += fr.vjp(codes, arr, dh[:, p:], conservative)
-            e = self._loss_sum(x, codes)
+            e = self._loss_sum(x, codes, blocks)
             if prior is not None:
                 ep, fp = prior_energy_forces(pos, bx, codes, onset, prior.epsilon_ev, prior.decay_angstrom, pairs)
                 f += fp
@@ -359,8 +365,9 @@ class Model:
         pos = np.ascontiguousarray(positions, dtype=float)
         bx = np.asarray(box, float)
         if self._generic:
-            terms = frame_terms(pos, bx, codes, self.spec)
-            f = feature_forces(terms, codes, self.spec, self.dh_dphi(terms.x, codes), self.kind == "conservative")
+            spec = self.spec
+            terms = frame_terms(pos, bx, codes, spec)
+            f = feature_forces(terms, codes, spec, self.dh_dphi(terms.x, codes), self.kind == "conservative")
             if self.prior is not None:
                 f += self.prior.energy_forces(pos, bx, codes)[1]
             return f
