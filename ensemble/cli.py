@@ -330,6 +330,8 @@ def cmd_bench(args) -> int:
         bench.bench_md(steps=args.steps, model_path=args.model, cutoff_angstrom=args.cutoff)
     elif args.what == "runner":
         bench.bench_runner(members=args.members, steps=args.steps, model_path=args.model, workdir=args.workdir)
+    elif args.scale:
+        bench.bench_gram_scale(args.scale, args.workdir, model_path=args.model, memory_limit=args.memory_limit)
     else:
         bench.bench_gram(frames=args.frames, long_factor=args.long_factor, workdir=args.workdir)
     return 0
@@ -455,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("gram", help="Gram reduction: frames/s with 1 and 2 workers, memory, syrk fraction")
     b.add_argument("--frames", type=int, help="frames of the embedded data to use (default all)")
     b.add_argument("--long-factor", type=int, default=10, help="length of the long store, in default stores")
+    b.add_argument("--scale", type=int, help="out of core at scale instead: build (once, cached in --workdir, default "
+                   "~/.cache/ensemble) a learned-MD store SCALE x the embedded one and fit 1x, 10x, ... SCALE x of it "
+                   "on 2 workers of --memory-limit each: peak RSS per worker, frames/s, spill, wall time")
+    b.add_argument("--memory-limit", default="1GB", help="memory limit per worker with --scale (default 1GB)")
+    b.add_argument("--model", help="with --scale: the conservative cutoff model that makes the store "
+                   "(default: one fitted on the embedded data)")
     b.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser("runner", help="ensemble runner: members/s and overhead per member, 1 and 2 workers")
