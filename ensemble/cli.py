@@ -61,6 +61,20 @@ def _print_ingest(report, out: Path) -> None:
     print(format_summary(summarize(open_trajectory(out)), str(out)))
 
 
+def _cluster(args, table: dict | None, where: str, log_directory: Path | None = None):
+    """The cluster to run on: the config's ``[cluster]`` table, overridden by --cluster, --scheduler,
+    --workers and --jobs (checked before anything is written or started)."""
+    from dataclasses import replace
+
+    from .cluster import JOB_QUEUES, cluster_spec
+
+    spec = cluster_spec(table, where=where, kind=args.cluster, scheduler=args.scheduler, workers=args.workers,
+                        jobs=args.jobs)
+    if spec.kind in JOB_QUEUES and spec.log_directory is None and log_directory is not None:
+        spec = replace(spec, log_directory=str(log_directory))
+    return spec
+
+
 def cmd_ingest(args) -> int:
     out = Path(args.out)
     cell = None
@@ -153,7 +167,8 @@ def cmd_demo(args) -> int:
     ens = load_ensemble(config)
     if args.steps:
         ens = dataclasses.replace(ens, members=tuple(dataclasses.replace(m, steps=args.steps) for m in ens.members))
-    with open_client(args.scheduler, args.workers) as client:
+    spec = _cluster(args, None, "ensemble demo")
+    with open_client(spec=spec) as client:
         for label, overrides in (("agent-paper", {"kind": "agent"}),
                                  ("conservative-c5", {"kind": "conservative", "neighbour_mode": "cutoff",
                                                       "cutoff_angstrom": 5.0})):
@@ -201,7 +216,14 @@ def cmd_fit(args) -> int:
 
     open_trajectory(args.store)            # a clear error before any cluster starts
     out = Path(args.out or f"model-{cfg.kind}.json")
-    with open_client(args.scheduler, args.workers):
+    table = None
+    if args.config:
+        from .configfile import read_toml
+
+        table = read_toml(args.config, "fit config", UsageError).get("cluster")
+    spec = _cluster(args, table, f"{args.config} [cluster]" if table is not None else "ensemble fit",
+                    out.with_name(out.stem + "-cluster-logs"))
+    with open_client(spec=spec):
         report = fit_store(args.store, cfg, progress=lambda m: print(m, file=sys.stderr))
     report.model.save(out)
     png = plot_selection(report, out.with_name(out.stem + "-selection.png"))
@@ -303,10 +325,11 @@ def cmd_run(args) -> int:
     from .runner import aggregate, load_ensemble, resolve_embedded, run_ensemble, validate
 
     ens = load_ensemble(args.config)
+    spec = _cluster(args, ens.cluster, f"{args.config} [cluster]", Path(args.out) / "cluster-logs")
     validate(ens)                    # every member checked before anything is written or a cluster starts
     ens = resolve_embedded(ens, args.out)
     print(f"ensemble {ens.name}: {len(ens.members)} members, reference {ens.reference}", file=sys.stderr)
-    with open_client(args.scheduler, args.workers) as client:
+    with open_client(spec=spec) as client:
         summaries = run_ensemble(ens, args.out, client, retry_failed=args.retry_failed)
     doc = aggregate(ens, args.out, summaries)
     print((Path(args.out) / "summary.md").read_text())
@@ -335,6 +358,18 @@ def cmd_bench(args) -> int:
     else:
         bench.bench_gram(frames=args.frames, long_factor=args.long_factor, workdir=args.workdir)
     return 0
+
+
+def _cluster_args(s, table: str | None) -> None:
+    from .cluster import KINDS
+
+    default = f"default: {table}, else local" if table else "default: local"
+    s.add_argument("--cluster", choices=KINDS, help=f"where the dask workers run ({default}); slurm / pbs / sge "
+                   "submit batch jobs through dask-jobqueue (pip install 'ensemble[cluster]')")
+    s.add_argument("--scheduler", metavar="ADDRESS", help="an existing dask scheduler (tcp://HOST:PORT)")
+    s.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    s.add_argument("--jobs", type=int, help="batch jobs kept running (slurm / pbs / sge; instead of the adaptive "
+                   "minimum_jobs / maximum_jobs of [cluster])")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,8 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", type=int, help="weight functions kept by backward elimination (default 7)")
     s.add_argument("--frame-stride", type=int, help="use every n-th frame")
     s.add_argument("--chunk-frames", type=int, help="frames per dask task")
-    s.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
-    s.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
+    _cluster_args(s, "the fit config's [cluster] table")
     s.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("simulate", help="learning-based MD with a fitted model, streamed to a zarr store")
@@ -433,9 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run an ensemble of learned simulations on a dask cluster and aggregate them")
     s.add_argument("config", help="ensemble TOML (see configs/ensemble/)")
     s.add_argument("--out", required=True, help="output directory (members, aggregate, summary, figures)")
-    s.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://HOST:PORT); default: a "
-                                       "LocalCluster with one worker per core")
-    s.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
+    _cluster_args(s, "the config's [cluster] table")
     s.add_argument("--retry-failed", action="store_true", help="rerun members whose dynamics failed before")
     s.set_defaults(func=cmd_run)
 
@@ -444,8 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="ensemble-demo", help="output directory (default ./ensemble-demo)")
     s.add_argument("--fit-stride", type=int, default=4, help="fit on every n-th frame (default 4)")
     s.add_argument("--steps", type=int, help="MD steps of every member (default: as in the demo ensemble)")
-    s.add_argument("--scheduler", help="an existing dask scheduler (default: a LocalCluster)")
-    s.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
+    _cluster_args(s, None)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks that print figures")

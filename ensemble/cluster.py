@@ -22,7 +22,7 @@ from typing import Iterator
 
 from .errors import UserError
 
-__all__ = ["ClusterSpec", "ClusterConfigError", "cluster_spec", "open_client", "warm_kernels",
+__all__ = ["ClusterSpec", "ClusterConfigError", "check_cluster_table", "cluster_spec", "open_client", "warm_kernels",
            "KINDS", "JOB_QUEUES"]
 
 _SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -147,15 +147,11 @@ def _bytes(text: str, where: str) -> int:
     return n
 
 
-def cluster_spec(table: dict | None = None, *, where: str = "[cluster]", **overrides) -> ClusterSpec:
-    """A :class:`ClusterSpec` from a ``[cluster]`` TOML table, then command-line ``overrides``
-    (None values ignored). Unknown keys and wrong types are one-line errors naming ``where``.
-
-    ``scheduler=ADDRESS`` among the overrides selects kind ``scheduler``; ``kind`` given on the
-    command line replaces the table's (its other keys stay); ``jobs`` replaces adaptive bounds.
-    """
-    raw = dict(table or {})
-    for key, value in raw.items():
+def check_cluster_table(table, where: str = "[cluster]") -> dict:
+    """``table`` if it is a ``[cluster]`` table of known keys with the right types, else a one-line error."""
+    if not isinstance(table, dict):
+        raise ClusterConfigError(f"{where}: expected a table of settings, got {table!r}")
+    for key, value in table.items():
         want = _TYPES.get(key)
         if want is None:
             raise ClusterConfigError(f"{where}: unknown key {key!r}; known: {', '.join(_TYPES)}")
@@ -165,6 +161,17 @@ def cluster_spec(table: dict | None = None, *, where: str = "[cluster]", **overr
         if not ok:
             kind = "a list of strings" if want is list else want.__name__
             raise ClusterConfigError(f"{where}: {key} = {value!r} should be {kind}")
+    return table
+
+
+def cluster_spec(table: dict | None = None, *, where: str = "[cluster]", **overrides) -> ClusterSpec:
+    """A :class:`ClusterSpec` from a ``[cluster]`` TOML table, then command-line ``overrides``
+    (None values ignored). Unknown keys and wrong types are one-line errors naming ``where``.
+
+    ``scheduler=ADDRESS`` among the overrides selects kind ``scheduler``; ``kind`` given on the
+    command line replaces the table's (its other keys stay); ``jobs`` replaces adaptive bounds.
+    """
+    raw = dict(check_cluster_table(table or {}, where))
     over = {k: v for k, v in overrides.items() if v is not None}
     if "scheduler" in over:
         over["kind"], over["address"] = "scheduler", over.pop("scheduler")
@@ -315,8 +322,11 @@ def _job_queue_cluster(spec: ClusterSpec):
         os.makedirs(spec.log_directory, exist_ok=True)
     cls = getattr(dask_jobqueue, JOB_QUEUES[spec.kind])
     # members and Gram chunks run for seconds to hours: until the scheduler has timed one, assume a
-    # minute, so adaptive scaling asks for enough jobs at once instead of one at a time
-    with dask.config.set({"distributed.scheduler.unknown-task-duration": "60s"}):
+    # minute, so adaptive scaling asks for enough jobs at once instead of one at a time;
+    # a task whose worker died is retried up to allowed-failures times; members continue from their
+    # checkpoints, so a few more retries than dask's default 3 cost little (a walltime per retry)
+    with dask.config.set({"distributed.scheduler.unknown-task-duration": "60s",
+                          "distributed.scheduler.allowed-failures": 10}):
         try:
             cluster = cls(**kwargs)
         except ValueError as exc:
