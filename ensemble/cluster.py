@@ -181,10 +181,10 @@ def cluster_spec(table: dict | None = None, *, where: str = "[cluster]", **overr
         raw.pop("minimum_jobs", None)
         raw.pop("maximum_jobs", None)
     raw.update(over)
-    if raw.get("kind", "local") not in JOB_QUEUES:      # a table written for a batch system, run here instead
+    if over.get("kind", "slurm") not in JOB_QUEUES:     # a table written for a batch system, run elsewhere now
         for key in ("jobs", "minimum_jobs", "maximum_jobs"):
-            if key in raw and key not in over:
-                raw.pop(key)
+            if key not in over:
+                raw.pop(key, None)
     for key in ("prologue", "directives"):
         if key in raw:
             raw[key] = tuple(raw[key])

@@ -11,9 +11,10 @@ member whose model blows up keeps its store with status ``failed: ...``), analys
 (:func:`ensemble.analysis.analyze`, in the worker) and returns a small summary. A member
 whose worker died (a lost node, a cancelled job, a walltime) continues from its last
 checkpoint when it runs again, on a retry by the scheduler or in a rerun of the ensemble,
-and its trajectory is bitwise the one an uninterrupted run writes. :func:`run_ensemble` validates everything before anything runs, skips members
-already finished, submits the rest to a dask client, reports progress (done / running /
-failed, ETA) and records every member's outcome. A worker that dies mid-member has the
+and its trajectory is bitwise the one an uninterrupted run writes. :func:`run_ensemble`
+validates everything before anything runs, skips members already finished, submits the rest
+to a dask client, reports progress (done / running / failed, ETA) and records every member's
+outcome. A worker that dies mid-member has the
 member rerun elsewhere by the scheduler, from its last checkpoint.
 
 Directory layout of ``OUT``::
@@ -291,15 +292,20 @@ def run_member(member: Member, out: str, window_fs: float = 100.0, checkpoint_ev
 
 
 def _where_running() -> dict:
-    """The dask worker and batch job this runs in (empty strings outside them)."""
+    """The dask worker and batch job this runs in (empty strings outside them), and the peak
+    resident memory of this process so far (MB)."""
     try:
         from distributed import get_worker
 
         worker = str(get_worker().name)
     except (ImportError, ValueError):
         worker = os.environ.get("DASK_WORKER_NAME", "")
+    import resource
+
     job = next((os.environ[k] for k in ("SLURM_JOB_ID", "PBS_JOBID", "JOB_ID") if os.environ.get(k)), "")
-    return {"worker": worker, "batch_job": job}
+    # peak memory of this process so far (what sizes a worker: [cluster] memory / cores)
+    return {"worker": worker, "batch_job": job,
+            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _resume_point(store: Path, member: Member) -> int | None:
