@@ -476,7 +476,7 @@ def _scale_segment(model_path: str, ref: str, k: int, steps: int, out: str) -> d
 
 
 def build_scaled_store(scale: int, cache: str | Path, *, model_path: str | Path | None = None, workers: int = 2,
-                       report=print) -> Path:
+                       report=None) -> Path:
     """A trajectory store ``scale`` times the embedded one (``scale`` x 1001 frames of 384 atoms),
     made by learned MD from the embedded data, built once in ``cache`` and reused.
 
@@ -489,12 +489,14 @@ def build_scaled_store(scale: int, cache: str | Path, *, model_path: str | Path 
     """
     import json
 
+    import dask
     from distributed import as_completed
 
     from .cluster import ClusterSpec, open_client
     from .data import load_default, write_default_store
-    from .io.store import atomic_write_text, create_store, default_chunk_frames, open_trajectory, write_frames
+    from .io.store import atomic_write_text
 
+    report = report or (lambda msg: print(msg, flush=True))
     cache = Path(cache).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     n_ref = load_default().sizes["frame"]
@@ -535,25 +537,10 @@ def build_scaled_store(scale: int, cache: str | Path, *, model_path: str | Path 
                                       str(segdir / f"seg-{k}.zarr"), key=f"scale-segment-{k}", pure=False))
         for fut in as_completed(futs):
             info = fut.result()
+            with dask.config.set(scheduler="synchronous"):    # here, not behind the segments on the workers
+                _append_segment(segdir / f"seg-{info['segment']}.zarr", building, info["segment"] * per, n_frames,
+                                n_seg)
             k = info["segment"]
-            seg = open_trajectory(segdir / f"seg-{k}.zarr")
-            keep = [v for v in ("positions", "velocities", "forces", "accelerations", "kinetic_energy",
-                                "temperature", "potential_energy", "conserved_energy") if v in seg]
-            seg = seg[keep + ["masses", "cell"]]
-            if not building.exists():
-                tmpl = seg.isel(frame=slice(0, 1)).load()
-                tmpl.attrs = {**{a: seg.attrs[a] for a in ("schema", "timestep_fs", "model_provenance")
-                                 if a in seg.attrs},
-                              "title": f"learned MD (conservative, cutoff 5 Å), {n_seg} independent NVT segments "
-                                       f"of 10 ps at 300 K, concatenated",
-                              "source_format": "ensemble bench gram --scale", "frame_interval_fs": 0.5 * SCALE_STRIDE,
-                              "acceleration_source": "model forces / masses", "created_by": "ensemble bench gram"}
-                create_store(building, tmpl, n_frames, default_chunk_frames(seg.sizes["atom"]))
-            start = k * per
-            blk = seg.load()
-            steps = np.arange(start, start + blk.sizes["frame"]) * SCALE_STRIDE
-            blk = blk.assign_coords(step=("frame", steps), time=("frame", 0.5 * steps))
-            write_frames(building, blk, start)
             done[str(k)] = info
             atomic_write_text(done_file, json.dumps(done, indent=1) + "\n")
             shutil.rmtree(segdir / f"seg-{k}.zarr", ignore_errors=True)
@@ -567,6 +554,27 @@ def build_scaled_store(scale: int, cache: str | Path, *, model_path: str | Path 
     done_file.unlink()
     shutil.rmtree(segdir, ignore_errors=True)
     return final
+
+
+def _append_segment(segment: Path, building: Path, start: int, n_frames: int, n_seg: int) -> None:
+    """Write one segment's frames at ``start`` of the scaled store (laid out on the first call)."""
+    from .io.store import create_store, default_chunk_frames, open_trajectory, write_frames
+
+    seg = open_trajectory(segment)
+    keep = [v for v in ("positions", "velocities", "forces", "accelerations", "kinetic_energy", "temperature",
+                        "potential_energy", "conserved_energy") if v in seg]
+    seg = seg[keep + ["masses", "cell"]]
+    if not building.exists():
+        tmpl = seg.isel(frame=slice(0, 1)).load()
+        tmpl.attrs = {**{a: seg.attrs[a] for a in ("schema", "timestep_fs", "model_provenance") if a in seg.attrs},
+                      "title": f"learned MD (conservative, cutoff 5 Å), {n_seg} independent NVT segments "
+                               f"of 10 ps at 300 K, concatenated",
+                      "source_format": "ensemble bench gram --scale", "frame_interval_fs": 0.5 * SCALE_STRIDE,
+                      "acceleration_source": "model forces / masses", "created_by": "ensemble bench gram"}
+        create_store(building, tmpl, n_frames, default_chunk_frames(seg.sizes["atom"]))
+    blk = seg.load()
+    steps = np.arange(start, start + blk.sizes["frame"]) * SCALE_STRIDE
+    write_frames(building, blk.assign_coords(step=("frame", steps), time=("frame", 0.5 * steps)), start)
 
 
 def _worker_spilled_bytes(dask_worker) -> int:
