@@ -631,7 +631,7 @@ def bench_gram_scale(scale: int = 100, workdir: str | Path | None = None, *, mod
               + "  validation " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()), flush=True)
     size_gb = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 1e9
     print(f"ensemble bench gram --scale {scale}: {store} ({full.sizes['frame']} frames x {full.sizes['atom']} atoms, "
-          f"{size_gb:.1f} GB on disk; built or found in {build_s:.0f} s)")
+          f"{size_gb:.2f} GB on disk; built or found in {build_s:.0f} s)")
     mode = f"cutoff {cutoff_angstrom:g} Å" if cutoff_angstrom else "paper mode"
     print(f"  agent model, {mode}, {len(ws)} weights; {workers} workers, memory_limit {memory_limit} each, "
           f"{chunk_frames} frames per task")

@@ -85,6 +85,9 @@ class ClusterSpec:
                                      "(or --scheduler ADDRESS)")
         if self.kind != "scheduler" and self.address:
             raise ClusterConfigError(f"{w}: address is only for kind = \"scheduler\" (kind is {self.kind!r})")
+        if self.workers is not None and self.kind != "local":
+            raise ClusterConfigError(f"{w}: workers (--workers) is for kind = \"local\" (kind is {self.kind!r}); "
+                                     "batch jobs are counted by jobs (--jobs) or minimum_jobs / maximum_jobs")
         for name in ("workers", "cores", "jobs", "maximum_jobs"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -181,10 +184,13 @@ def cluster_spec(table: dict | None = None, *, where: str = "[cluster]", **overr
         raw.pop("minimum_jobs", None)
         raw.pop("maximum_jobs", None)
     raw.update(over)
-    if over.get("kind", "slurm") not in JOB_QUEUES:     # a table written for a batch system, run elsewhere now
+    # a table written for one kind, run on another from the command line: drop what does not apply
+    if over.get("kind", "slurm") not in JOB_QUEUES:
         for key in ("jobs", "minimum_jobs", "maximum_jobs"):
             if key not in over:
                 raw.pop(key, None)
+    if over.get("kind", "local") != "local" and "workers" not in over:
+        raw.pop("workers", None)
     for key in ("prologue", "directives"):
         if key in raw:
             raw[key] = tuple(raw[key])

@@ -31,6 +31,7 @@ def test_command_line_overrides_the_table():
     sched = cluster_spec(SLURM, scheduler="tcp://127.0.0.1:8786")
     assert (sched.kind, sched.address) == ("scheduler", "tcp://127.0.0.1:8786")
     assert cluster_spec(None).describe().startswith("LocalCluster, ")
+    assert cluster_spec({"workers": 4}, kind="slurm", jobs=2).workers is None
 
 
 @pytest.mark.parametrize("table, message", [
@@ -40,6 +41,7 @@ def test_command_line_overrides_the_table():
     ({"kind": "local", "jobs": 2}, "jobs / minimum_jobs / maximum_jobs are for batch jobs"),
     ({"kind": "cloud"}, "kind = 'cloud'; expected one of local, scheduler, slurm, pbs, sge"),
     ({"kind": "scheduler"}, "needs address"),
+    ({"kind": "slurm", "jobs": 2, "workers": 4}, "workers (--workers) is for kind = \"local\""),
     ({"cores": "4"}, "cores = '4' should be int"),
     ({"cores": True}, "cores = True should be int"),
     ({"cores": 0}, "cores must be >= 1"),
