@@ -416,3 +416,24 @@ def test_the_job_script_carries_the_cluster_table(tmp_path):
         assert line in script.splitlines(), (line, script)
     # two single-threaded workers per job sharing its memory (6 GB = 5.59 GiB), on loopback
     assert "--nthreads 1 --memory-limit 2.79GiB --nworkers 2" in script and script.rstrip().endswith("--interface lo")
+
+
+@pytest.mark.parametrize("kind, lines", [
+    ("pbs", ["#PBS -q short", "#PBS -A chem42", "#PBS -l select=1:ncpus=2:mem=5723MB", "#PBS -l walltime=02:30:00",
+             "#PBS -l place=scatter"]),
+    ("sge", ["#$ -q short", "#$ -P chem42", "#$ -l h_rt=02:30:00", "#$ -l place=scatter"]),
+])
+def test_pbs_and_sge_job_scripts(kind, lines):
+    pytest.importorskip("dask_jobqueue", reason="pip install 'ensemble[cluster]' (dask-jobqueue)")
+    from ensemble.cluster import _job_queue_cluster, cluster_spec
+
+    spec = cluster_spec({"kind": kind, "jobs": 1, "cores": 2, "memory": "6GB", "walltime": "02:30:00",
+                         "queue": "short", "account": "chem42", "directives": ["-l place=scatter"]})
+    cluster = _job_queue_cluster(spec)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    for line in lines + ["export OMP_NUM_THREADS=1"]:
+        assert line in script.splitlines(), (line, script)
+    assert "--nthreads 1 --memory-limit 2.79GiB --nworkers 2" in script
