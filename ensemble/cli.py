@@ -354,7 +354,8 @@ def cmd_bench(args) -> int:
     elif args.what == "runner":
         bench.bench_runner(members=args.members, steps=args.steps, model_path=args.model, workdir=args.workdir)
     elif args.scale:
-        bench.bench_gram_scale(args.scale, args.workdir, model_path=args.model, memory_limit=args.memory_limit)
+        bench.bench_gram_scale(args.scale, args.workdir, model_path=args.model, memory_limit=args.memory_limit,
+                               n_weights=args.weights)
     else:
         bench.bench_gram(frames=args.frames, long_factor=args.long_factor, workdir=args.workdir)
     return 0
@@ -492,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.cache/ensemble) a learned-MD store SCALE x the embedded one and fit 1x, 10x, ... SCALE x of it "
                    "on 2 workers of --memory-limit each: peak RSS per worker, frames/s, spill, wall time")
     b.add_argument("--memory-limit", default="1GB", help="memory limit per worker with --scale (default 1GB)")
+    b.add_argument("--weights", type=int, choices=[7, 18], default=18,
+                   help="with --scale: the paper's 18 weight functions (703 columns) or 7 of them (119)")
     b.add_argument("--model", help="with --scale: the conservative cutoff model that makes the store "
                    "(default: one fitted on the embedded data)")
     b.add_argument("--workdir", help="scratch directory (default: a temporary one)")

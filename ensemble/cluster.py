@@ -23,6 +23,7 @@ from typing import Iterator
 from .errors import UserError
 
 __all__ = ["ClusterSpec", "ClusterConfigError", "check_cluster_table", "cluster_spec", "open_client", "warm_kernels",
+           "process_peak_rss_mb",
            "KINDS", "JOB_QUEUES"]
 
 _SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -199,6 +200,24 @@ def cluster_spec(table: dict | None = None, *, where: str = "[cluster]", **overr
 
 def _default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB): VmHWM of its own address space.
+
+    Not ``getrusage(...).ru_maxrss``: Linux carries that over ``fork`` + ``exec``, so a worker
+    process spawned by a large parent would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def warm_kernels() -> str:

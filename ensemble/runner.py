@@ -300,12 +300,11 @@ def _where_running() -> dict:
         worker = str(get_worker().name)
     except (ImportError, ValueError):
         worker = os.environ.get("DASK_WORKER_NAME", "")
-    import resource
+    from .cluster import process_peak_rss_mb
 
     job = next((os.environ[k] for k in ("SLURM_JOB_ID", "PBS_JOBID", "JOB_ID") if os.environ.get(k)), "")
     # peak memory of this process so far (what sizes a worker: [cluster] memory / cores)
-    return {"worker": worker, "batch_job": job,
-            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"worker": worker, "batch_job": job, "process_peak_rss_mb": process_peak_rss_mb()}
 
 
 def _resume_point(store: Path, member: Member) -> int | None:
