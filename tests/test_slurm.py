@@ -316,10 +316,11 @@ def _steps_per_s(ref_store: Path) -> float:
 
 
 def test_a_member_whose_job_hits_its_walltime_resumes_from_its_checkpoint(slurm, ref_store, tmp_path):
-    # a member of ~130 s on one core; SLURM ends a 1-minute job 60-90 s after it starts (it checks
-    # time limits every 30 s). Forces clipped at 5 eV/Å: the small test model stays stable for
-    # this long with it (the clip counts are part of the checkpoint, so resume stays exact)
-    steps = int(130 * _steps_per_s(ref_store)) // 1000 * 1000
+    # a member of ~105 s on one core: SLURM ends a 1-minute job 60-90 s after it starts (it checks
+    # time limits every 30 s) and its worker needs ~5-10 s to start, so the first job cannot finish
+    # it and the next one (up to 80 s of work) can. Forces clipped at 5 eV/Å: the small test model
+    # stays stable this long with it (clip counts are part of the checkpoint: resume stays exact)
+    steps = int(105 * _steps_per_s(ref_store)) // 1000 * 1000
     cfg = _config(tmp_path / "ens.toml", ref_store, f"""checkpoint_every = 1000
 
 [models]
