@@ -15,7 +15,7 @@ import numpy as np
 from .elements import default_mass
 from .units import (AMU_A2_PER_FS2_TO_EV, BOHR_PER_AU_TIME_TO_ANGSTROM_PER_FS, CP2K_HARTREE_TO_EV)
 
-__all__ = ["write_synthetic_cp2k_run", "bench_ingest"]
+__all__ = ["write_synthetic_cp2k_run", "bench_ingest", "bench_action"]
 
 
 def write_synthetic_cp2k_run(directory: str | Path, *, n_molecules: int, n_frames: int, seed: int = 0,
@@ -440,6 +440,93 @@ def bench_runner(members: int = 8, steps: int = 1000, model_path: str | Path | N
               f"({100 * r['overhead_fraction']:4.1f} %) {r['aggregate_s']:12.1f}")
     print(f"  scaling efficiency 1 -> 2 workers: {100 * eff:.1f} % (members/s with 2 workers / twice that with 1)")
     return {"rows": rows, "scaling_efficiency": eff}
+
+
+def bench_action(model_path: str | Path, action_paths, *, ps: float = 1.0, init: str | None = None) -> dict:
+    """Simulated ps per second of velocity Verlet at 0.5 fs against the long-step action map at
+    the steps of the given action models (e.g. 2, 4 and 8 fs): the same conservative model, the
+    same box (the embedded 128 H2O, or ``init``), the same initial state, NVE, ``ps`` simulated
+    picoseconds each, no output; and the fixed-point iterations (force evaluations) per step.
+
+    Wall-clock and process CPU time are both reported: on a shared machine the CPU time is the
+    fairer measure of the work. An entry ``midpoint:H`` times the map with the learned terms off
+    (the implicit midpoint rule) at step H fs.
+    """
+    from .md import initial_state, velocity_verlet
+    from .md.action import ActionModel, ModelPotential, action_integrator, direct_integrator, load_action
+    from .model import load_model
+
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    model = load_model(model_path)
+    tmp = None
+    if init is None:
+        from .data import write_default_store
+
+        tmp = Path(tempfile.mkdtemp(prefix="ensemble-bench-action-"))
+        write_default_store(tmp / "ref.zarr")
+        init = f"{tmp / 'ref.zarr'}:200"
+    try:
+        state = initial_state(init)
+        v0 = state.velocities - (state.masses @ state.velocities) / state.masses.sum()
+
+        def timed(init_fn, step_fn, dt_fs, potential=None):
+            s = init_fn(state.positions, v0)
+            for _ in range(3):                              # compile / warm
+                s = step_fn(s)
+            s = init_fn(state.positions, v0)
+            n = max(int(round(ps * 1000.0 / dt_fs)), 1)
+            its = []
+            evals0 = potential.evaluations if potential is not None else 0
+            w, c = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                s = step_fn(s)
+                if s.aux is not None:
+                    its.append(s.aux["iterations"])
+            w, c = time.perf_counter() - w, time.process_time() - c
+            simulated = n * dt_fs * 1e-3
+            row = {"dt_fs": dt_fs, "steps": n, "wall_s": w, "cpu_s": c, "ps_per_wall_s": simulated / w,
+                   "ps_per_cpu_s": simulated / c}
+            if its:
+                row.update(iterations_mean=float(np.mean(its)), iterations_max=int(np.max(its)),
+                           force_evaluations_per_step=(potential.evaluations - evals0) / n)
+            return row
+
+        rows = [dict(timed(*velocity_verlet(model.force_fn(state.box, np.array(state.species)), 0.5, state.masses),
+                           0.5), integrator="verlet")]
+        for path in action_paths:
+            if str(path).startswith("midpoint:"):               # the map with the learned terms off
+                from .md.action import default_features
+
+                feats = default_features(model.species)
+                am = ActionModel("action", float(str(path).split(":", 1)[1]), feats, np.zeros(feats.n_features))
+            else:
+                am = load_action(path)
+                am.check_potential(model_path)
+            pot = ModelPotential(model, state.box, state.species)
+            if am.kind == "action":
+                fns = action_integrator(pot, am, state.masses, state.species, state.box, energy_every=10 ** 9)
+            else:
+                fns = direct_integrator(pot, am, state.masses, state.species, state.box)
+            name = "midpoint" if str(path).startswith("midpoint:") else am.kind
+            try:
+                rows.append(dict(timed(*fns, am.dt_fs, pot), integrator=name, source=str(path)))
+            except Exception as exc:            # a map that fails is a result too
+                rows.append({"dt_fs": am.dt_fs, "integrator": name, "source": str(path), "error": str(exc)})
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    base = rows[0]
+    print(f"ensemble bench md --action: {len(state.species)} atoms, NVE from {init}, {ps:g} ps each, one core")
+    print(f"  {'integrator':>10} {'dt fs':>6} {'ps/wall-s':>10} {'ps/CPU-s':>9} {'speed-up':>9} {'iterations/step':>16}")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['integrator']:>10} {r['dt_fs']:6.2f}  failed: {r['error']}")
+            continue
+        r["speedup_cpu"] = r["ps_per_cpu_s"] / base["ps_per_cpu_s"]
+        it = f"{r['iterations_mean']:.2f} (max {r['iterations_max']})" if "iterations_mean" in r else "1 (explicit)"
+        print(f"  {r['integrator']:>10} {r['dt_fs']:6.2f} {r['ps_per_wall_s']:10.3f} {r['ps_per_cpu_s']:9.3f} "
+              f"{r['speedup_cpu']:8.2f}x {it:>16}")
+    return {"rows": rows}
 
 
 # --------------------------------------------------------------------------- out-of-core at scale

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DynamicsError, UsageError, UserError
+from .files import refuse_aliasing
 
 
 
@@ -87,6 +89,11 @@ def cmd_ingest(args) -> int:
         cell = np.diag(cell) if cell.size == 3 else cell.reshape(3, 3)
     masses = _parse_masses(args.masses)
     src = Path(args.source)
+    inputs = {"SOURCE": src, "--input": args.input}
+    folder, prefix = (src, "") if src.is_dir() else (src.parent, src.name.removesuffix("-pos-1.xyz"))
+    if folder.is_dir():     # a run directory or dir/PROJECT: every file the reader may open is an input
+        inputs.update({f"SOURCE file {f.name}": f for f in folder.iterdir() if f.name.startswith(prefix)})
+    refuse_aliasing({"--out": out}, inputs, containers=["SOURCE"] if src.is_dir() else [])
     fmt = args.format
     if fmt == "auto":
         fmt = "cp2k" if (src.is_dir() or src.name.endswith("-pos-1.xyz")
@@ -126,6 +133,7 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from .io.ase import write_extxyz
 
+    refuse_aliasing({"--out": args.out}, {"STORE": args.store})
     path = write_extxyz(args.store, args.out, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
@@ -232,11 +240,74 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_fit_action(args) -> int:
+    from .cluster import open_client
+    from .fit.action import distill, fit_action, format_action_table
+    from .md.action import PairFeatures, default_features
+    from .model import load_model
+
+    model = load_model(args.model)          # a clear error before any work
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
+    if args.dt_fs <= 0:
+        raise UsageError(f"--dt-fs must be > 0, got {args.dt_fs}")
+    features = default_features(model.species, args.cutoff) if args.cutoff else None
+    store = args.store
+    prov = {}
+    if args.distill_ps:
+        store = Path(args.distill_out or out.with_suffix(".distill.zarr"))
+        stride = args.distill_stride_fs or args.dt_fs
+        print(f"distillation: {args.distill_ps:g} ps of velocity Verlet (0.5 fs) with {args.model} from {args.store}, "
+              f"frames every {stride:g} fs -> {store}", file=sys.stderr)
+        distill(args.model, args.store, store, ps=args.distill_ps, stride_fs=stride, overwrite=args.overwrite)
+        prov = {"distilled_from": str(args.store), "distill_ps": args.distill_ps}
+    else:
+        from .io import open_trajectory
+
+        open_trajectory(store)
+    with open_client(args.scheduler, args.workers):
+        rep = fit_action(store, args.model, dt_fs=args.dt_fs, kind=args.kind, features=features,
+                         pair_stride=args.pair_stride, chunk_pairs=args.chunk_pairs, ridge=args.ridge,
+                         progress=lambda m: print(m, file=sys.stderr), provenance=prov)
+    rep.action.save(out)
+    print(format_action_table(rep.action))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare_dynamics(args) -> int:
+    import json as _json
+
+    from .diagnostics import compare_runs, format_comparison
+
+    c = compare_runs(args.run, args.reference, n_blocks=args.blocks, skip_ps=args.skip_ps)
+    print(format_comparison(c))
+    if args.json:
+        from .io.store import atomic_write_text
+
+        atomic_write_text(args.json, _json.dumps(c, indent=1, default=float) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_simulate(args) -> int:
     from .md import initial_state, simulate
     from .model import load_model
 
     model = load_model(args.model)
+    action = None
+    if args.action:
+        from .md.action import load_action
+
+        action = load_action(args.action)
+        action.check_potential(args.model)
+    elif args.integrator in ("action", "direct"):
+        raise UsageError(f"--integrator {args.integrator} needs --action A.json (from `ensemble fit-action`)")
+    options = {k: v for k, v in (("tol_angstrom", args.tol_angstrom), ("max_iter", args.max_iter),
+                                 ("energy_every", args.energy_every)) if v is not None}
+    if options and args.integrator not in ("action", "midpoint"):
+        raise UsageError("--tol-angstrom, --max-iter and --energy-every apply to --integrator action / midpoint")
     try:
         init = initial_state(args.init, temperature_K=args.init_temperature_K if args.seed is not None else None,
                              seed=args.seed, tile_n=args.tile)
@@ -263,7 +334,8 @@ def cmd_simulate(args) -> int:
                            stride=args.stride, tau_fs=args.tau_fs, chain_length=args.chain_length,
                            max_force_ev_per_angstrom=args.max_force, remove_com=not args.keep_com,
                            checkpoint_every=args.checkpoint_every, out=args.out, resume=args.resume,
-                           overwrite=args.overwrite, progress=progress)
+                           overwrite=args.overwrite, progress=progress, integrator=args.integrator, action=action,
+                           action_options=options)
     except ValueError as exc:       # settings that do not fit the model / store / earlier run
         raise UsageError(str(exc)) from None
     if tty:
@@ -272,25 +344,43 @@ def cmd_simulate(args) -> int:
     print(f"wrote {summary.out}: {summary.steps_done} steps, {summary.frames} frames, {summary.status}")
     print(f"mean temperature {summary.mean_temperature_K:.1f} K ({sp}); clipped atom-steps "
           f"{summary.clipped_atom_steps} ({summary.clip_fraction:.2%}); {summary.atom_steps_per_s:.3g} atom-steps/s")
+    from .diagnostics import run_diagnostics
+
+    d = run_diagnostics(summary.out)
+    line = [f"{summary.steps_done * args.dt_fs / 1000 / summary.seconds:.3g} simulated ps per second"]
+    if "energy_drift_meV_per_atom_ps" in d:
+        line.append(f"energy drift {d['energy_drift_meV_per_atom_ps']:+.4f} meV/atom/ps")
+    if "equipartition_gap" in d:
+        line.append(f"|T_H - T_O| / T = {d['equipartition_gap']:.3f}")
+    if "iterations_per_step" in d:
+        line.append(f"fixed-point iterations per step {d['iterations_per_step']['mean']:.2f} "
+                    f"(max {d['iterations_per_step']['max']})")
+    print("; ".join(line))
     return 0
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import analyze, stats_summary_json, write_stats
+    from .analysis import analyze, open_stats, split_frame_range, stats_summary_json, write_stats
     from .io import open_trajectory
     from .io.store import StoreError
 
-    ds = open_trajectory(args.store)
+    path, frames = split_frame_range(args.store)
+    refuse_aliasing({"--out": args.out}, {"STORE": path})
+    if args.frames and frames is not None:
+        raise UsageError(f"give the frame range once: {args.store!r} already has one, and --frames {args.frames!r}")
+    ds = open_trajectory(path)
     if Path(args.out).exists() and not args.overwrite:
         raise StoreError(f"{args.out} already exists; choose another --out or pass --overwrite")
-    frames = _frame_slice(args.frames, ds.sizes["frame"])
-    stats = analyze(ds.isel(frame=frames), window_fs=args.window_fs, rdf_max=args.rdf_max, rdf_bin=args.rdf_bin,
-                    source=str(args.store))
+    frames = frames if frames is not None else _frame_slice(args.frames, ds.sizes["frame"])
+    if len(range(ds.sizes["frame"])[frames]) < 2:
+        raise UsageError(f"{args.store}: the frame range selects {len(range(ds.sizes['frame'])[frames])} of "
+                         f"{ds.sizes['frame']} frames; need at least 2")
+    stats = analyze(ds.isel(frame=frames), window_fs=args.window_fs, pad=args.pad, rdf_max=args.rdf_max,
+                    rdf_bin=args.rdf_bin, bond_max_angstrom=args.bond_max, source=str(args.store))
     t0 = time.perf_counter()
     write_stats(stats, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} ({stats.sizes['frame']} frames in {time.perf_counter() - t0:.1f} s); "
           f"spectra {stats.attrs['spectra']}")
-    from .analysis import open_stats
     print(stats_summary_json(open_stats(args.out)))
     return 0
 
@@ -311,10 +401,13 @@ def _frame_slice(text: str | None, n: int) -> slice:
 
 
 def cmd_report(args) -> int:
+    from .analysis import split_frame_range
     from .report import write_report
 
+    refuse_aliasing({"--out": args.out}, {label: split_frame_range(spec)[0] for label, spec in
+                                          [("REFERENCE", args.reference)] + [(f"MODEL {m}", m) for m in args.models]})
     cards = write_report(args.reference, args.models, args.out, overwrite=args.overwrite, n_blocks=args.blocks,
-                         window_fs=args.window_fs)
+                         window_fs=args.window_fs, pad=args.pad)
     print((Path(args.out) / "scorecard.md").read_text())
     print(f"wrote {args.out}/scorecard.json, scorecard.md and figures; {len(cards)} model(s) compared")
     return 0
@@ -341,7 +434,7 @@ def _outcome(summaries: list[dict], doc: dict) -> str:
     done = sum(s["status"] == "complete" for s in summaries)
     failed = sum(g["failed"] for g in doc["groups"])
     return (f"{done} of {len(summaries)} members complete, {failed} failed a stability criterion "
-            "(O-H > 2 Å, g(r) area > 3, or the run stopped)")
+            "(blow-up, dissociation or structure drift)")
 
 
 def cmd_bench(args) -> int:
@@ -350,7 +443,12 @@ def cmd_bench(args) -> int:
     if args.what == "ingest":
         bench.bench_ingest(size_mb=args.size_mb, workdir=args.workdir)
     elif args.what == "md":
-        bench.bench_md(steps=args.steps, model_path=args.model, cutoff_angstrom=args.cutoff)
+        if args.action:
+            if not args.model:
+                raise UsageError("--action needs --model (the conservative model the maps were fitted for)")
+            bench.bench_action(args.model, args.action, ps=args.action_ps)
+        else:
+            bench.bench_md(steps=args.steps, model_path=args.model, cutoff_angstrom=args.cutoff)
     elif args.what == "runner":
         bench.bench_runner(members=args.members, steps=args.steps, model_path=args.model, workdir=args.workdir)
     elif args.scale:
@@ -439,29 +537,72 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chain-length", type=int, default=3)
     s.add_argument("--max-force", type=float, help="clip forces to this magnitude, eV/Å")
     s.add_argument("--keep-com", action="store_true", help="do not remove the initial centre-of-mass drift")
+    s.add_argument("--integrator", choices=["verlet", "action", "midpoint", "direct"], default="verlet",
+                   help="velocity Verlet (default); the learned long-step map (--action); the implicit midpoint "
+                        "rule (the map without learned terms); the direct baseline predictor (--action)")
+    s.add_argument("--action", help="action / direct model JSON from `ensemble fit-action` (its dt = --dt-fs)")
+    s.add_argument("--tol-angstrom", type=float, help="fixed-point tolerance of the map, Å (default 1e-9)")
+    s.add_argument("--max-iter", type=int, help="fixed-point iteration cap (default 30)")
+    s.add_argument("--energy-every", type=int, help="the map's energy at the end of a step every n steps "
+                                                     "(one force evaluation each; default: --stride)")
     s.add_argument("--checkpoint-every", type=int, default=1000)
     s.add_argument("--out", required=True)
     s.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_simulate)
 
-    s = sub.add_parser("analyze", help="statistics of a trajectory store (temperatures, bonds, angles, g(r), "
-                                       "spectra) -> STATS.zarr")
-    s.add_argument("store")
+    s = sub.add_parser("fit-action", help="fit a long-step map (learned action, or the direct baseline) to pairs "
+                                          "of states dt apart, for a conservative model")
+    s.add_argument("store", help="trajectory store with frames every dt (or a divisor); with --distill-ps: "
+                                 "STORE[:FRAME] to start the distillation run from")
+    s.add_argument("--model", required=True, help="the conservative model JSON the map belongs to")
+    s.add_argument("--dt-fs", type=float, required=True, help="the long step h, fs")
+    s.add_argument("--out", required=True, help="action model JSON to write")
+    s.add_argument("--kind", choices=["action", "direct"], default="action")
+    s.add_argument("--distill-ps", type=float, help="first run velocity Verlet (0.5 fs) with the model this long "
+                                                    "and fit on that")
+    s.add_argument("--distill-out", help="store of the distillation run (default OUT.distill.zarr)")
+    s.add_argument("--distill-stride-fs", type=float, help="frame interval of the distillation run (default dt)")
+    s.add_argument("--cutoff", type=float, help="cutoff of the pair features, Å (default 2.6)")
+    s.add_argument("--pair-stride", type=int, default=1, help="use every n-th pair")
+    s.add_argument("--chunk-pairs", type=int, default=50, help="pairs per dask task")
+    s.add_argument("--ridge", type=float, help="ridge (default: chosen on the validation split)")
+    s.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
+    s.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_fit_action)
+
+    s = sub.add_parser("compare-dynamics", help="a run against a fine-step reference run: energy drift, "
+                                                "equipartition, bonds, angles, g(r), VDOS up to the Nyquist frequency")
+    s.add_argument("run", help="trajectory store of the run (e.g. the action integrator at 4 fs)")
+    s.add_argument("--reference", required=True, help="trajectory store of the reference (e.g. Verlet at 0.5 fs)")
+    s.add_argument("--blocks", type=int, default=8, help="time blocks for the standard errors")
+    s.add_argument("--skip-ps", type=float, default=0.0, help="leave out the first ps of both runs")
+    s.add_argument("--json", help="also write the comparison as JSON here")
+    s.set_defaults(func=cmd_compare_dynamics)
+
+    s = sub.add_parser("analyze", help="statistics of a trajectory store (temperatures, per-frame topology and "
+                                       "ions, bonds, angles, proton transfers, g(r), spectra) -> STATS.zarr")
+    s.add_argument("store", help="trajectory store, optionally STORE:START:STOP[:STRIDE]")
     s.add_argument("--out", required=True, help="statistics store to write (zarr)")
     s.add_argument("--frames", help="START:STOP[:STRIDE] frame indices to analyse (default all)")
-    s.add_argument("--window-fs", type=float, default=100.0, help="spectrum window length, fs (default 100)")
+    s.add_argument("--window-fs", type=float, default=100.0,
+                   help="spectrum window length, fs (default 100: resolution 333 cm^-1)")
+    s.add_argument("--pad", type=int, default=4, help="zero padding of each spectrum window (grid only; default 4)")
+    s.add_argument("--bond-max", type=float, default=1.5,
+                   help="an H farther than this from every O is free, Å (default 1.5)")
     s.add_argument("--rdf-max", type=float, default=6.0, help="g(r) range, Å (at most half the box)")
     s.add_argument("--rdf-bin", type=float, default=0.02, help="g(r) bin width, Å")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("report", help="compare model runs with a reference: scorecard (JSON, Markdown) + figures")
-    s.add_argument("reference", help="reference trajectory or statistics store")
-    s.add_argument("models", nargs="+", help="model trajectory or statistics stores")
+    s.add_argument("reference", help="reference trajectory or statistics store, optionally STORE:START:STOP")
+    s.add_argument("models", nargs="+", help="model trajectory or statistics stores, each optionally STORE:START:STOP")
     s.add_argument("--out", required=True, help="report directory")
     s.add_argument("--blocks", type=int, default=8, help="time blocks for the standard errors (default 8)")
     s.add_argument("--window-fs", type=float, default=100.0, help="spectrum window for trajectory inputs, fs")
+    s.add_argument("--pad", type=int, default=4, help="zero padding of spectrum windows for trajectory inputs")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_report)
 
@@ -509,6 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=100)
     b.add_argument("--model", help="a fitted model JSON (default: random coefficients, 7 weights)")
     b.add_argument("--cutoff", type=float, default=5.0, help="cutoff for the cutoff-mode runs, Å")
+    b.add_argument("--action", nargs="+", metavar="A.json", help="action models (e.g. 2, 4 and 8 fs, fitted for "
+                                                                  "--model; midpoint:H for the implicit midpoint rule "
+                                                                  "at H fs): simulated ps per second against Verlet "
+                                                                  "at 0.5 fs, and fixed-point iterations per step")
+    b.add_argument("--action-ps", type=float, default=1.0, help="simulated ps per timed run of the action comparison")
     b.set_defaults(func=cmd_bench)
     return p
 
@@ -535,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"\ninterrupted. {exc}", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

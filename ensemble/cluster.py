@@ -249,7 +249,37 @@ def warm_kernels() -> str:
                           (np.zeros((n, n)), np.zeros((n, n))), cutoff_angstrom=cutoff)
             model.force_fn(box, np.array(["O", "H", "H"]))(pos)
     rdf_counts_kernel(pos[None], box, sp, np.array([[0, 1], [1, 2]]), 3.0, 10)
+    from .analysis import topology_frames
+    topology_frames(pos[None], box, np.array([0]), np.array([1, 2]), 1.5)
+    # the long-step map (ensemble.md.action): features, Hessian blocks, Newton blocks, one step
+    from .md.action import ActionModel, ModelPotential, action_integrator, default_features
+
+    feats = default_features(("H", "O"))
+    cons = Model("conservative", ("H", "O"), (1.008, 15.999), ws, (np.zeros(n), np.zeros(n)),
+                 (np.zeros((n, n)), np.zeros((n, n))), cutoff_angstrom=3.0)
+    am = ActionModel("action", 1.0, feats, np.full(feats.n_features, 1e-9))
+    init_fn, step_fn = action_integrator(ModelPotential(cons, box, ["O", "H", "H"]), am, np.array([15.999, 1.008, 1.008]),
+                                         ["O", "H", "H"], box, max_iter=2, fail_angstrom=np.inf)
+    step_fn(init_fn(pos, np.zeros_like(pos)))
+    feats.bind(["O", "H", "H"], np.ones(3), box).columns(pos, np.zeros_like(pos))
     return "warm"
+
+
+class _NoComputeFailed:
+    """Drops a worker's "Compute Failed" log record: the client re-raises the task's exception
+    (a user error as one line, a bug with its traceback), so the worker's copy is noise."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def quiet_task_failures() -> None:
+    """Install :class:`_NoComputeFailed` on this process's ``distributed.worker`` logger (once)."""
+    import logging
+
+    log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _NoComputeFailed) for f in log.filters):
+        log.addFilter(_NoComputeFailed())
 
 
 def _warm_plugin_class():
@@ -262,6 +292,7 @@ def _warm_plugin_class():
 
         def setup(self, worker):
             warm_kernels()
+            quiet_task_failures()
 
     return _WarmKernels
 

@@ -2,11 +2,12 @@
 
 :func:`compare` turns two statistics Datasets (:func:`ensemble.analysis.analyze`) into rows
 of *reference*, *model* and *model - reference*, each with a standard error from block
-averages over time (per-window values for spectral peaks), plus distances between
-distributions (Wasserstein-1 of bond lengths and angles, area between g(r), total variation
-between spectra) and the stability of the model run. :func:`write_report` writes it all for
-one reference and any number of models, atomically, with figures mirroring the paper's
-Figs. 1 and 3-7 (and g(r), VDOS, distributions).
+averages over time (per-window values for spectral peaks, Poisson for proton-transfer
+rates), plus distances between distributions (Wasserstein-1 of bond lengths and angles, area
+between g(r), total variation between spectra) and the stability of the model run (three
+named criteria). :func:`write_report` writes it all for one reference and any number of
+models, atomically, with figures mirroring the paper's Figs. 1 and 3-7 (and g(r), VDOS,
+distributions, ions). Inputs may carry frame ranges: ``STORE:START:STOP``.
 """
 
 from __future__ import annotations
@@ -19,30 +20,43 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .analysis import STATS_SCHEMA, analyze, open_stats, rdf_area, run_scalars, time_to_failure
+from .analysis import (CRITERIA, STATS_SCHEMA, AnalysisError, analyze, open_stats, rdf_area, run_scalars,
+                       select_frames, split_frame_range, stability)
 from .errors import UserError
 
 __all__ = ["load_stats", "compare", "format_scorecard", "write_report", "wasserstein1", "spectrum_distance",
            "ReportError", "ensemble_table", "format_ensemble_table", "write_ensemble_report"]
 
+
 class ReportError(UserError, ValueError):
     """Inputs that cannot be compared (missing store, different species, ...)."""
 
 
-def load_stats(path: str | Path, **analyze_kwargs) -> xr.Dataset:
-    """Statistics of a store: read a statistics store, or analyse a trajectory store (in memory)."""
-    from .io.store import SCHEMA, open_trajectory
+def load_stats(spec: str | Path, **analyze_kwargs) -> xr.Dataset:
+    """Statistics of ``STORE[:START:STOP[:STRIDE]]``: read a statistics store (and select the
+    frame range), or analyse that range of a trajectory store (in memory)."""
+    from .io.store import SCHEMA, open_trajectory, open_zarr
+    path, frames = split_frame_range(str(spec))
     path = Path(path)
     if not path.exists():
         raise ReportError(f"{path}: no such store")
     try:
-        schema = xr.open_zarr(path, consolidated=False, zarr_format=3).attrs.get("schema")
+        schema = open_zarr(path).attrs.get("schema")
     except Exception as exc:  # zarr raises many types for a non-store
-        raise ReportError(f"{path}: not a readable zarr v3 store ({exc})") from exc
-    if schema == STATS_SCHEMA:
-        return open_stats(path)
+        raise ReportError(f"{path}: not a readable zarr v3 store ({type(exc).__name__}: {exc})") from None
+    label = f"{path}" + (f" frames {frames.start or 0}:{'' if frames.stop is None else frames.stop}" if frames else "")
+    if schema == STATS_SCHEMA or str(schema).startswith("ensemble.stats/"):
+        stats = open_stats(path)
+        return select_frames(stats, frames).assign_attrs(source=label) if frames else stats
     if schema == SCHEMA:
-        return analyze(open_trajectory(path), source=str(path), **analyze_kwargs).compute()
+        ds = open_trajectory(path)
+        if frames is not None:
+            n = ds.sizes["frame"]
+            if len(range(n)[frames]) < 2:
+                raise ReportError(f"{spec}: selects {len(range(n)[frames])} of the {n} frames of {path}; "
+                                  "need at least 2")
+            ds = ds.isel(frame=frames)
+        return analyze(ds, source=label, **analyze_kwargs).compute()
     raise ReportError(f"{path}: attrs['schema'] is {schema!r}; expected a trajectory ({SCHEMA}) "
                       f"or statistics ({STATS_SCHEMA}) store")
 
@@ -80,26 +94,38 @@ def _row(name, units, ref, model, note=""):
             "difference": diff, "difference_err": diff_err, "z": z, "note": note}
 
 
+#: fewer frames than this per block make block errors meaningless: a run shorter than
+#: n_blocks x this is not compared by significance (z is left out)
+MIN_FRAMES_PER_BLOCK = 4
+
+
 def compare(reference: xr.Dataset, model: xr.Dataset, *, n_blocks: int = 8) -> dict:
     """Scorecard of ``model`` against ``reference`` (two statistics Datasets), as a plain dict.
 
     ``rows``: per quantity reference / model / difference with standard errors (block averages
-    over ``n_blocks`` time blocks; for spectral peaks the spread over spectrum windows) and
-    z = difference / its error. ``distances``: Wasserstein-1 of O-H bond lengths (Å) and H-O-H
-    angles (deg), g(r) areas per pair (Å, 0-6 Å), total variation between spectra.
-    ``stability``: :func:`ensemble.analysis.time_to_failure` of the model run.
+    over ``n_blocks`` time blocks; for spectral peaks the spread over spectrum windows, with the
+    spectral resolution in ``note``; Poisson for the proton-transfer rate) and z = difference /
+    its error. ``distances``: Wasserstein-1 of O-H bonds (Å) and H-O-H angles (deg), g(r) areas
+    per pair (Å, 0-6 Å), total variation between spectra. ``stability``: the three criteria of
+    :func:`ensemble.analysis.stability` for the model (structure against the reference) and
+    the reference (blow-up and dissociation).
     """
     if sorted(map(str, reference["species"].values)) != sorted(map(str, model["species"].values)):
         raise ReportError(f"species differ: reference {list(reference['species'].values)}, "
                           f"model {list(model['species'].values)}")
+    short = [name for name, s in (("reference", reference), ("model", model))
+             if s.sizes["frame"] < MIN_FRAMES_PER_BLOCK * n_blocks]
     ref_rows, mod_rows = run_scalars(reference, n_blocks), run_scalars(model, n_blocks)
     rows, missing = [], []
-    for key, (label, units, ref) in ref_rows.items():
+    for key, ref in ref_rows.items():
         if key in mod_rows:
-            rows.append(_row(label, units, ref, mod_rows[key][2]))
+            note = "; ".join(dict.fromkeys(n for n in (ref.note, mod_rows[key].note) if n))
+            rows.append(_row(ref.label, ref.units, ref.value, mod_rows[key].value, note))
             rows[-1]["key"] = key
+            if short and key != "proton_transfer_rate":
+                rows[-1]["z"] = float("nan")
         else:
-            missing.append(label)
+            missing.append(ref.label)
     distances = {
         "oh_bond_wasserstein1_angstrom": wasserstein1(reference["oh_bond"].values, model["oh_bond"].values),
         "hoh_angle_wasserstein1_deg": wasserstein1(reference["hoh_angle"].values, model["hoh_angle"].values),
@@ -114,10 +140,12 @@ def compare(reference: xr.Dataset, model: xr.Dataset, *, n_blocks: int = 8) -> d
         for s in model["vdos"]["species"].values:
             distances[f"vdos_{s}_total_variation"] = spectrum_distance(model["vdos"].sel(species=s).mean("window"),
                                                                        reference["vdos"].sel(species=s).mean("window"))
-    return {"rows": rows, "not_compared": missing +
-            ([] if "oh_spectrum" in model else [f"spectra: {model.attrs.get('spectra', 'absent')}"]),
-            "distances": distances, "stability": time_to_failure(model, reference),
-            "reference_stability": time_to_failure(reference),
+    not_compared = missing + ([] if "oh_spectrum" in model else [f"spectra: {model.attrs.get('spectra', 'absent')}"])
+    if short:
+        not_compared.append(f"significance (z): the {' and '.join(short)} run has fewer than "
+                            f"{MIN_FRAMES_PER_BLOCK * n_blocks} frames ({MIN_FRAMES_PER_BLOCK} per block)")
+    return {"rows": rows, "not_compared": not_compared, "distances": distances,
+            "stability": stability(model, reference), "reference_stability": stability(reference),
             "reference_source": reference.attrs.get("source", ""), "model_source": model.attrs.get("source", ""),
             "n_blocks": n_blocks}
 
@@ -125,33 +153,56 @@ def compare(reference: xr.Dataset, model: xr.Dataset, *, n_blocks: int = 8) -> d
 def _pm(value, err, digits):
     if value is None or not np.isfinite(value):
         return "n/a"
-    return f"{value:.{digits}f} ± {err:.{digits}f}" if np.isfinite(err) else f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {err:.{digits}f}" if err is not None and np.isfinite(err) else f"{value:.{digits}f}"
 
 
-_DIGITS = {"K": 1, "angstrom": 4, "deg": 2, "cm^-1": 0}
+_DIGITS = {"K": 1, "angstrom": 4, "deg": 2, "cm^-1": 0, "1": 2, "1/ps": 3, "fs": 0}
+_UNIT_LABEL = {"angstrom": "Å", "deg": "deg", "cm^-1": "cm^-1", "K": "K", "1": "", "1/ps": "1/ps", "fs": "fs"}
+
+
+def format_stability(st: dict) -> str:
+    """One line per criterion: fired at what time and why, or not."""
+    lines = []
+    for name in CRITERIA:
+        c = st["criteria"][name]
+        label = name.replace("_", "-")
+        if c["failed"]:
+            lines.append(f"- {label}: **failed** at {c['time_fs']:.1f} fs: {c['cause']}")
+        elif c["cause"]:
+            lines.append(f"- {label}: {c['cause']}")
+        else:
+            lines.append(f"- {label}: no failure in {st['duration_fs']:.1f} fs")
+    return "\n".join(lines)
 
 
 def format_scorecard(cards: dict[str, dict]) -> str:
-    """Markdown: one table per model (reference, model, difference ± error, z), distances, stability."""
+    """Markdown: one table per model (reference, model, difference ± error, z, note), distances, stability."""
     lines = ["# Scorecard: model vs reference", "",
              "Errors are standard errors from block averages over time (spectral peaks: over spectrum "
-             "windows); z = difference / its error, |z| > 3 marks a significant difference.", ""]
+             "windows, with the spectral resolution in the note; proton-transfer rates: Poisson); z = difference / "
+             "its error, |z| > 3 marks a significant difference.", ""]
     for name, card in cards.items():
         st = card["stability"]
         lines += [f"## {name}", "", f"model: `{card['model_source']}`  ", f"reference: `{card['reference_source']}`",
-                  "", "| quantity | units | reference | model | model − reference | z |", "|---|---|---|---|---|---|"]
+                  "", "| quantity | units | reference | model | model − reference | z | note |",
+                  "|---|---|---|---|---|---|---|"]
         for r in card["rows"]:
             d = _DIGITS.get(r["units"], 3)
             z = f"{r['z']:+.1f}" if np.isfinite(r["z"]) else "n/a"
             flag = " **!**" if np.isfinite(r["z"]) and abs(r["z"]) > 3 else ""
-            lines.append(f"| {r['quantity']} | {r['units']} | {_pm(r['reference'], r['reference_err'], d)} | "
-                         f"{_pm(r['model'], r['model_err'], d)} | {_pm(r['difference'], r['difference_err'], d)} | "
-                         f"{z}{flag} |")
+            lines.append(f"| {r['quantity']} | {_UNIT_LABEL.get(r['units'], r['units'])} | "
+                         f"{_pm(r['reference'], r['reference_err'], d)} | {_pm(r['model'], r['model_err'], d)} | "
+                         f"{_pm(r['difference'], r['difference_err'], d)} | {z}{flag} | {r['note']} |")
         lines += ["", "| distance | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in card["distances"].items()]
-        verdict = (f"failed at {st['time_fs']:.1f} fs ({st['criterion']})" if st["failed"]
-                   else f"no failure in {st['duration_fs']:.1f} fs")
-        lines += ["", f"Stability (first O-H > 2 Å, or g(r) area > 3 in a 1 ps window): {verdict}."]
+        verdict = (f"**failed** at {st['time_fs']:.1f} fs ({st['criterion'].replace('_', '-')}: {st['cause']})"
+                   if st["failed"] else f"no failure in {st['duration_fs']:.1f} fs")
+        lines += ["", f"Stability of the model run: {verdict}. Criteria (proton transfer is a rate above, "
+                      "never a failure):", "", format_stability(st)]
+        ref_st = card["reference_stability"]
+        if ref_st["failed"]:
+            lines += ["", f"The reference itself fails {ref_st['criterion'].replace('_', '-')} at "
+                          f"{ref_st['time_fs']:.1f} fs: {ref_st['cause']}."]
         if card["not_compared"]:
             lines += ["", "Not compared: " + "; ".join(card["not_compared"]) + "."]
         lines.append("")
@@ -217,20 +268,32 @@ def _figures(ref: xr.Dataset, models: dict[str, xr.Dataset], out: Path, seed: in
         ax[0].legend(fontsize=8)
         save(fig, fname)
 
-    # Fig. 5: four random hydrogens, reference dashed, models solid
-    bonds = np.sort(np.random.default_rng(seed).choice(ref.sizes["bond"], size=4, replace=False))
+    # Fig. 5: four random hydrogens (distance to their current nearest O), reference dashed, models solid
+    picks = np.sort(np.random.default_rng(seed).choice(ref.sizes["hydrogen"], size=min(4, ref.sizes["hydrogen"]),
+                                                       replace=False))
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
-    for ax, b in zip(axes.ravel(), bonds):
+    for ax, j in zip(axes.ravel(), picks):
+        atom = int(ref["hydrogen"].values[j])
         for name, s, c in runs:
-            if b < s.sizes["bond"]:
-                ax.plot(_ps(s), s["oh_bond"].isel(bond=int(b)), color=c, lw=0.8, ls="--" if name == "reference" else "-",
-                        label=name)
-        ax.set(ylabel="O-H distance (Å)", title=f"H atom {int(ref['bond_hydrogen'].values[b])}")
+            if atom in s["hydrogen"].values:
+                ax.plot(_ps(s), s["oh_bond"].sel(hydrogen=atom), color=c, lw=0.8,
+                        ls="--" if name == "reference" else "-", label=name)
+        ax.set(ylabel="O-H distance (Å)", title=f"H atom {atom} to its nearest O")
     for ax in axes[1]:
         ax.set_xlabel("time (ps)")
         ax.set_xlim(0, max(float(_ps(ref)[-1]), 0.1))         # the reference's span: oscillations stay visible
     axes[0, 0].legend(fontsize=8)
     save(fig, "fig5_oh_bond_samples.png")
+
+    # ions over time: H3O+ and OH- per frame (proton transfer is chemistry, shown, not failed)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, s, c in runs:
+        ax[0].plot(_ps(s), s["n_hydronium"], color=c, lw=0.8, label=name)
+        ax[1].plot(_ps(s), s["n_hydroxide"], color=c, lw=0.8, label=name)
+    ax[0].set(xlabel="time (ps)", ylabel="count", title="H3O+ per frame")
+    ax[1].set(xlabel="time (ps)", ylabel="count", title="OH- per frame")
+    ax[0].legend(fontsize=8)
+    save(fig, "ions.png")
 
     # Fig. 6: O-H bond power spectrum and its peak per window
     with_spec = [(n, s, c) for n, s, c in runs if "oh_spectrum" in s]
@@ -270,10 +333,11 @@ def _figures(ref: xr.Dataset, models: dict[str, xr.Dataset], out: Path, seed: in
     for name, s, c in runs:
         ax[0].hist(s["oh_bond"].values.ravel(), bins=np.linspace(0.8, 1.3, 101), density=True, histtype="step",
                    color=c, label=name)
-        ax[1].hist(s["hoh_angle"].values.ravel(), bins=np.linspace(80, 130, 101), density=True, histtype="step",
+        angles = s["hoh_angle"].values.ravel()
+        ax[1].hist(angles[np.isfinite(angles)], bins=np.linspace(80, 130, 101), density=True, histtype="step",
                    color=c, label=name)
     ax[0].set(xlabel="O-H distance (Å)", ylabel="probability density (1/Å)", title="O-H bond lengths")
-    ax[1].set(xlabel="H-O-H angle (deg)", ylabel="probability density (1/deg)", title="H-O-H angles")
+    ax[1].set(xlabel="H-O-H angle (deg)", ylabel="probability density (1/deg)", title="H-O-H angles of H2O")
     ax[0].legend(fontsize=8)
     save(fig, "distributions.png")
     return written
@@ -282,7 +346,10 @@ def _figures(ref: xr.Dataset, models: dict[str, xr.Dataset], out: Path, seed: in
 def _labels(paths: list[Path]) -> list[str]:
     labels = []
     for p in paths:
-        base = Path(p).name.removesuffix(".zarr").removesuffix(".stats") or str(p)
+        path, frames = split_frame_range(str(p))
+        base = Path(path).name.removesuffix(".zarr").removesuffix(".stats") or str(path)
+        if frames is not None:
+            base += f"[{frames.start or 0}:{'' if frames.stop is None else frames.stop}]"
         label, k = base, 2
         while label in labels:
             label, k = f"{base}-{k}", k + 1
@@ -291,18 +358,20 @@ def _labels(paths: list[Path]) -> list[str]:
 
 
 def write_report(reference: str | Path, models: list[str | Path], out: str | Path, *, overwrite: bool = False,
-                 n_blocks: int = 8, window_fs: float = 100.0) -> dict:
-    """Analyse (or read) the stores, compare each model with the reference, and write
-    ``scorecard.json``, ``scorecard.md`` and the PNG figures into ``out`` (atomically).
-    Returns the scorecards by model label."""
+                 n_blocks: int = 8, window_fs: float = 100.0, pad: int = 4) -> dict:
+    """Analyse (or read) the stores (each ``STORE[:START:STOP]``), compare each model with the
+    reference, and write ``scorecard.json``, ``scorecard.md`` and the PNG figures into ``out``
+    (atomically). Returns the scorecards by model label."""
     from .io.store import atomic_output
     if not models:
         raise ReportError("give at least one model store to compare with the reference")
+    if not (isinstance(n_blocks, int) and n_blocks >= 2):
+        raise ReportError(f"--blocks must be an integer >= 2, got {n_blocks!r}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise ReportError(f"{out} already exists; choose another --out or pass --overwrite")
-    ref = load_stats(reference, window_fs=window_fs)
-    stats = {label: load_stats(p, window_fs=window_fs) for label, p in zip(_labels(models), models)}
+    ref = load_stats(reference, window_fs=window_fs, pad=pad)
+    stats = {label: load_stats(p, window_fs=window_fs, pad=pad) for label, p in zip(_labels(models), models)}
     cards = {label: compare(ref, s, n_blocks=n_blocks) for label, s in stats.items()}
     with atomic_output(out, overwrite=overwrite) as tmp:
         tmp.mkdir()
@@ -339,7 +408,11 @@ def _finite(x):
 ENSEMBLE_COLUMNS = {"temperature": "T (K)", "temperature_H": "T H (K)", "temperature_O": "T O (K)",
                     "oh_bond_mean": "O-H (Å)", "oh_bond_std": "O-H std (Å)", "hoh_angle_mean": "H-O-H (deg)",
                     "hoh_angle_std": "H-O-H std (deg)", "oh_stretch_peak": "stretch (cm^-1)",
-                    "rdf_peak_O-O": "g_OO peak (Å)"}
+                    "rdf_peak_O-O": "g_OO peak (Å)", "n_hydronium": "H3O+ per frame",
+                    "proton_transfer_rate": "hops (1/molecule/ps)"}
+#: how the ensemble table's errors are made (printed with the table)
+ENSEMBLE_ERROR_NOTE = ("error: the larger of the spread across members (std / sqrt(n)) and the members' in-run "
+                       "block-average errors pooled (sqrt(sum of squares) / n)")
 
 
 def _groups(agg: xr.Dataset) -> list[tuple[tuple, np.ndarray]]:
@@ -348,50 +421,72 @@ def _groups(agg: xr.Dataset) -> list[tuple[tuple, np.ndarray]]:
     return [(k, np.array([i for i, kk in enumerate(keys) if kk == k])) for k in order]
 
 
+def group_error(values, errors) -> float | None:
+    """Standard error of a group mean: the larger of the spread across members and the pooled
+    in-run errors (two seeds that happen to agree must not read "± 0.00")."""
+    v, e = np.asarray(values, float), np.asarray(errors, float)
+    keep = np.isfinite(v)
+    v, e = v[keep], e[keep]
+    if v.size == 0:
+        return None
+    spread = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+    pooled = float(np.sqrt(np.sum(e[np.isfinite(e)] ** 2)) / v.size) if np.isfinite(e).any() else float("nan")
+    best = np.nanmax([spread, pooled]) if np.isfinite([spread, pooled]).any() else float("nan")
+    return float(best) if np.isfinite(best) else None
+
+
 def ensemble_table(agg: xr.Dataset) -> list[dict]:
     """Mean ± standard error across members, per (model, temperature, tile) group.
 
-    The error is the spread between independent members (std / sqrt(n)), NaN for one member;
-    failures: members that stopped or met a failure criterion, with their mean time to failure.
+    Errors: :func:`group_error`. Failures: how many members failed a stability criterion, the
+    earliest failure time and the criteria that fired first.
     """
     rows = []
     for (model, temp, tile), idx in _groups(agg):
         sub = agg.isel(member=idx)
-        ttf = sub["time_to_failure"].values
+        ttf = sub["time_to_failure"].values.astype(float)
+        crit = [str(c) for c, f in zip(sub["failed_criterion"].values, ttf) if np.isfinite(f)] \
+            if "failed_criterion" in sub else []
         row = {"model": str(model), "temperature_K": float(temp), "tile": int(tile), "members": int(idx.size),
                "failed": int(np.isfinite(ttf).sum()),
-               "time_to_failure_fs": float(np.nanmean(ttf)) if np.isfinite(ttf).any() else None,
+               "first_failure_fs": float(np.nanmin(ttf)) if np.isfinite(ttf).any() else None,
+               "failed_criteria": {c: crit.count(c) for c in dict.fromkeys(crit)},
                "duration_fs": float(sub["duration"].mean())}
         for key in ENSEMBLE_COLUMNS:
             if key not in sub:
                 continue
             v = sub[key].values.astype(float)
-            v = v[np.isfinite(v)]
-            row[key] = float(v.mean()) if v.size else None
-            row[f"{key}_err"] = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None
+            row[key] = float(np.nanmean(v)) if np.isfinite(v).any() else None
+            row[f"{key}_err"] = group_error(v, sub[f"{key}_err"].values) if f"{key}_err" in sub else None
+            row[f"{key}_units"] = str(sub[key].attrs.get("units", ""))
         rows.append(row)
     return rows
+
+
+def _failure_cell(r: dict) -> str:
+    if r["first_failure_fs"] is None:
+        return "—"
+    crits = ", ".join(f"{c.replace('_', '-')} x{n}" for c, n in r["failed_criteria"].items())
+    return f"{r['first_failure_fs']:.0f} ({crits})"
 
 
 def format_ensemble_table(rows: list[dict], reference: dict | None = None) -> str:
     """Markdown table of :func:`ensemble_table` rows, with the reference's figures first."""
     keys = [k for k in ENSEMBLE_COLUMNS if any(k in r for r in rows)]
     head = "| model | T target (K) | tile | members (failed) | " + " | ".join(ENSEMBLE_COLUMNS[k] for k in keys) + \
-        " | first failure (fs) |"
+        " | first failure (fs, criterion x members) |"
     lines = [head, "|" + "---|" * (5 + len(keys))]
     if reference is not None:
-        cells = [_pm(*reference[k][2], _DIGITS.get(reference[k][1], 3)) if k in reference else "n/a" for k in keys]
+        cells = [_pm(*reference[k].value, _DIGITS.get(reference[k].units, 3)) if k in reference else "n/a"
+                 for k in keys]
         lines.append("| reference | | | | " + " | ".join(cells) + " | |")
     for r in rows:
         cells = []
         for k in keys:
-            units = "K" if k.startswith("temperature") else "cm^-1" if k.endswith("peak") else \
-                "deg" if "angle" in k else "angstrom"
             v, e = r.get(k), r.get(f"{k}_err")
-            cells.append(_pm(v, float("nan") if e is None else e, _DIGITS[units]) if v is not None else "n/a")
-        ttf = "—" if r["time_to_failure_fs"] is None else f"{r['time_to_failure_fs']:.0f}"
+            cells.append(_pm(v, e, _DIGITS.get(r.get(f"{k}_units"), 3)) if v is not None else "n/a")
         lines.append(f"| {r['model']} | {r['temperature_K']:g} | {r['tile']} | {r['members']} ({r['failed']}) | "
-                     + " | ".join(cells) + f" | {ttf} |")
+                     + " | ".join(cells) + f" | {_failure_cell(r)} |")
     return "\n".join(lines)
 
 
@@ -436,11 +531,11 @@ def _ensemble_figures(agg: xr.Dataset, ref: xr.Dataset | None, out: Path) -> lis
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colors[c % len(colors)],
                         label=f"{model} x{tile}")
         if key in ref_vals:
-            label, units, (m, e) = ref_vals[key]
+            label, units, (m, e), _ = ref_vals[key]
             ax.axhline(m, color="k", ls="--", lw=1.0, label="reference")
             if np.isfinite(e):
                 ax.axhspan(m - e, m + e, color="k", alpha=0.1)
-        label, units = (ref_vals[key][0], ref_vals[key][1]) if key in ref_vals else (key, "")
+        label, units = (ref_vals[key].label, ref_vals[key].units) if key in ref_vals else (key, "")
         ax.set(xlabel="thermostat target (K)", ylabel=f"{label} ({units})", title=label)
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
@@ -471,28 +566,30 @@ def write_ensemble_report(agg: xr.Dataset, reference: xr.Dataset | None, out: st
                           summaries: list[dict] | None = None, title: str = "ensemble") -> dict:
     """Write ``aggregate.zarr``, ``summary.json``, ``summary.md`` and ``figures/`` into ``out``
     (each atomically: a temporary path, then rename). Returns the summary document."""
-    from .io.store import atomic_output, atomic_write_text
+    from .io.store import atomic_output, atomic_write_text, write_zarr
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = ensemble_table(agg)
     ref = run_scalars(reference) if reference is not None else None
     with atomic_output(out / "aggregate.zarr", overwrite=True) as tmp:
-        agg.to_zarr(tmp, mode="w", consolidated=False, zarr_format=3)
+        write_zarr(agg, tmp, mode="w")
     with atomic_output(out / "figures", overwrite=True) as tmp:
         tmp.mkdir()
         figures = _ensemble_figures(agg, reference, tmp)
     failures = [s for s in (summaries or []) if s.get("status") != "complete"]
     doc = {"schema": "ensemble.summary/1", "title": title, "created_by": f"ensemble {__version__}",
-           "groups": rows, "reference": {k: {"label": v[0], "units": v[1], "mean": v[2][0], "err": v[2][1]}
-                                          for k, v in (ref or {}).items()},
+           "groups": rows, "reference": {k: {"label": v.label, "units": v.units, "mean": v.value[0],
+                                              "err": v.value[1], "note": v.note} for k, v in (ref or {}).items()},
            "members": [{k: s.get(k) for k in ("id", "status", "error", "seconds", "simulate_s", "analyze_s",
                                                "atom_steps_per_s", "skipped", "warnings")} for s in (summaries or [])],
            "figures": [f"figures/{f}" for f in figures]}
-    md = [f"# {title}", "", "Mean ± standard error across members (independent seeds) per model, thermostat "
-          "target and tiling; the reference row has block-average errors over time. A member fails at its first "
-          "O-H bond beyond 2 Å, the first 1 ps window whose g(r) departs from the reference by an area above 3, "
-          "or where its run stopped.", "", format_ensemble_table(rows, ref), ""]
+    md = [f"# {title}", "", f"Mean ± standard error across members (independent seeds) per model, thermostat "
+          f"target and tiling ({ENSEMBLE_ERROR_NOTE}); the reference row has block-average errors over time. "
+          "Stability criteria: blow-up (non-finite, runaway temperature, run stopped), dissociation (a free H, an O "
+          "with >= 4 H, or O-O collapse, sustained 20 fs), structure (g(r) area > 3 against the reference in a "
+          "sliding 1 ps window). Proton transfer is a rate (hops), never a failure.", "",
+          format_ensemble_table(rows, ref), ""]
     if failures:
         md += ["Failed members:", ""] + [f"- `{s['id']}`: {s['status']}: {s.get('error')}" for s in failures] + [""]
     md += ["Figures: " + ", ".join(f"[{f}](figures/{f})" for f in figures), ""]

@@ -52,10 +52,10 @@ __all__ = ["Member", "Ensemble", "EnsembleError", "load_ensemble", "validate", "
 
 MEMBER_FIELDS = {"model": str, "steps": int, "dt_fs": float, "stride": int, "temperature_K": float, "seed": int,
                  "tile": int, "init_frame": int, "thermostat": str, "tau_fs": float,
-                 "max_force_ev_per_angstrom": float, "write_forces": bool}
+                 "max_force_ev_per_angstrom": float, "write_forces": bool, "integrator": str, "action": str}
 DEFAULTS = {"steps": 1000, "dt_fs": 0.5, "stride": 4, "temperature_K": 300.0, "seed": 0, "tile": 1,
             "init_frame": -1, "thermostat": "nose-hoover", "tau_fs": 100.0, "max_force_ev_per_angstrom": None,
-            "write_forces": False}
+            "write_forces": False, "integrator": "verlet", "action": None}
 THERMOSTATS = ("nose-hoover", "nve")
 
 
@@ -81,11 +81,15 @@ class Member:
     tau_fs: float = 100.0
     max_force_ev_per_angstrom: float | None = None
     write_forces: bool = False
+    integrator: str = "verlet"      # verlet | action | midpoint | direct (ensemble.md.simulate.INTEGRATORS)
+    action: str | None = None       # action / direct model JSON for those integrators
 
     @property
     def id(self) -> str:
         """Readable and stable: model, temperature, tiling, seed, plus a hash of every setting."""
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        fields = {k: v for k, v in asdict(self).items()          # settings added later count only when set
+                  if not (k in ("integrator", "action") and v == DEFAULTS[k])}
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.model}-T{self.temperature_K:g}-x{self.tile}-s{self.seed}-{digest}"
 
     @property
@@ -183,6 +187,13 @@ def load_ensemble(path: str | Path, *, reference: str | Path | None = None) -> E
                 raise EnsembleError(f"{where}: {k} must be >= 1, got {s[k]}")
         if s["dt_fs"] <= 0 or s["temperature_K"] <= 0:
             raise EnsembleError(f"{where}: dt_fs and temperature_K must be positive")
+        from .md.simulate import INTEGRATORS
+
+        if s["integrator"] not in INTEGRATORS or (s["integrator"] in ("action", "direct")) != bool(s["action"]):
+            raise EnsembleError(f"{where}: integrator {s['integrator']!r} with action {s['action']!r}; expected one of "
+                                f"{INTEGRATORS}, an action model exactly for 'action' and 'direct'")
+        if s["action"] and not Path(s["action"]).is_absolute():
+            s["action"] = str((base / s["action"]).resolve())
         members.append(Member(model_path=models[s["model"]], init_store=ref, **s))
     ids = [m.id for m in members]
     dup = {i for i in ids if ids.count(i) > 1}
@@ -243,6 +254,13 @@ def validate(ens: Ensemble) -> None:
                                 f"{m.model!r} knows {list(model.species)}")
         from .invariants import orthorhombic_box
         check_transfer(model, m, orthorhombic_box(ds["cell"].values))
+        if m.action:
+            from .md.action import load_action
+
+            am = load_action(m.action)
+            am.check_potential(m.model_path)
+            if abs(am.dt_fs - m.dt_fs) > 1e-9 * m.dt_fs:
+                raise EnsembleError(f"member {m.id}: {m.action} was fitted for {am.dt_fs:g} fs steps; dt_fs is {m.dt_fs:g}")
 
 
 # --------------------------------------------------------------------------- one member (the task)
@@ -308,16 +326,21 @@ def _where_running() -> dict:
 
 
 def _resume_point(store: Path, member: Member) -> int | None:
-    """The step of the last checkpoint of an interrupted run of ``member`` in ``store``, else None."""
+    """The step of the most advanced complete checkpoint (past step 0) of an interrupted run of
+    ``member`` in ``store``, else None (nothing there, another run, or nothing to gain)."""
     import zarr
 
+    from .md.output import CHECKPOINTS
+
     try:
-        root = zarr.open_group(store, mode="r")
-        if root.attrs.get("ensemble_member") != json.dumps(asdict(member)) or "checkpoint" not in root:
+        root = zarr.open_group(store, mode="r", use_consolidated=False)
+        if root.attrs.get("ensemble_member") != json.dumps(asdict(member)):
             return None
-        return int(root["checkpoint"].attrs["step"])
+        steps = [int(root[name].attrs["step"]) for name in CHECKPOINTS
+                 if name in root and root[name].attrs.get("complete")]
     except Exception:  # nothing readable there (died while creating it): start afresh
         return None
+    return max(steps) if steps and max(steps) > 0 else None
 
 
 def _finished_store(store: Path, member: Member) -> str | None:
@@ -350,6 +373,7 @@ def _run_member(member: Member, out: Path, window_fs: float, checkpoint_every: i
     from .analysis import analyze, write_stats
     from .io.store import atomic_write_text, open_trajectory
     from .md import initial_state, simulate
+    from .md.output import ResumeError
     from .md.simulate import SimulationError
     from .model import load_model
 
@@ -362,6 +386,11 @@ def _run_member(member: Member, out: Path, window_fs: float, checkpoint_every: i
     status = _finished_store(paths["store"], member)      # simulated before, but died before its summary
     if status is None:
         model = load_model(member.model_path)
+        action = None
+        if member.action:
+            from .md.action import load_action
+
+            action = load_action(member.action)
         running = paths["running"]
         resumed = _resume_point(running, member)
         if resumed is not None:
@@ -369,14 +398,22 @@ def _run_member(member: Member, out: Path, window_fs: float, checkpoint_every: i
 
             root = zarr.open_group(running, mode="r+")
             root.attrs["resumed_from_steps"] = list(root.attrs.get("resumed_from_steps", [])) + [resumed]
+        def run(resume: bool):
+            return simulate(model, init, steps=member.steps, dt_fs=member.dt_fs,
+                            temperature_K=member.temperature_K if member.thermostat == "nose-hoover" else None,
+                            stride=member.stride, tau_fs=member.tau_fs,
+                            max_force_ev_per_angstrom=member.max_force_ev_per_angstrom, out=running,
+                            write_forces=member.write_forces, checkpoint_every=checkpoint_every,
+                            resume=resume, overwrite=True,
+                            run_attrs={"ensemble_member": json.dumps(asdict(member))},
+                            integrator=member.integrator, action=action)
+
         try:
-            sim = simulate(model, init, steps=member.steps, dt_fs=member.dt_fs,
-                           temperature_K=member.temperature_K if member.thermostat == "nose-hoover" else None,
-                           stride=member.stride, tau_fs=member.tau_fs,
-                           max_force_ev_per_angstrom=member.max_force_ev_per_angstrom, out=running,
-                           write_forces=member.write_forces, checkpoint_every=checkpoint_every,
-                           resume=resumed is not None, overwrite=True,
-                           run_attrs={"ensemble_member": json.dumps(asdict(member))})
+            try:
+                sim = run(resume=resumed is not None)
+            except ResumeError:      # left by another version of the package: start the member afresh
+                resumed = None
+                sim = run(resume=False)
             status, steps_done, atom_steps = "complete", sim.steps_done, sim.atom_steps_per_s
         except SimulationError as exc:       # the model blew up: keep what was written, status failed
             status, error = "failed", str(exc)

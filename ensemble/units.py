@@ -43,3 +43,6 @@ ASE_VELOCITY_TO_ANGSTROM_PER_FS = AMU_A2_PER_FS2_TO_EV**-0.5
 
 #: Avogadro constant (for densities in g/cm^3)
 AVOGADRO = 6.02214076e23
+
+#: speed of light in cm/fs: wavenumber (cm^-1) = frequency (1/fs) / c
+SPEED_OF_LIGHT_CM_PER_FS = 2.99792458e-5

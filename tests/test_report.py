@@ -44,7 +44,15 @@ def test_identical_runs_score_zero_and_a_stretched_bond_is_found(ref_stats):
     assert_allclose(card["distances"]["oh_bond_wasserstein1_angstrom"], 0.05 * float(ref_stats["oh_bond"].mean()),
                     rtol=1e-3)
     md = format_scorecard({"stretched": card})
-    assert "| O-H bond mean | angstrom |" in md and "**!**" in md
+    assert "| O-H bond mean | Å |" in md and "**!**" in md
+    # the spectral peaks carry their resolution (1 / 100 fs windows), so a 83 cm^-1 grid is not read as precision
+    peak = next(r for r in card["rows"] if r["key"] == "oh_stretch_peak")
+    assert "resolution 334 cm^-1 (100 fs windows), grid 83 cm^-1" == peak["note"]
+    assert "| O-H stretch peak (bond spectrum) | cm^-1 |" in md and "resolution 334 cm^-1" in md
+    # reactive-water rows: ions per frame and the proton-transfer rate with its Poisson error
+    hops = next(r for r in card["rows"] if r["key"] == "proton_transfer_rate")
+    assert hops["reference"] == 0.0 and hops["reference_err"] > 0 and "0 events" in hops["note"]
+    assert {"H3O+ per frame", "OH- per frame", "H-O-H angle from the first g_HH and g_OH peaks"} <= set(rows)
 
 
 def test_distances_on_known_cases():
@@ -67,6 +75,13 @@ def test_analyze_and_report_from_the_command_line(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["frames"] == 400 and 3400 < summary["oh_stretch_peak_cm^-1"] < 3800
     assert main(["report", str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), "--out", str(tmp_path / "rep")]) == 0
+    # frame ranges straight from the trajectory store: the same comparison without a separate analyze
+    assert main(["report", f"{store}:0:400", f"{store}:400:800", "--out", str(tmp_path / "rep2")]) == 0
+    doc2 = json.loads((tmp_path / "rep2" / "scorecard.json").read_text())
+    assert list(doc2["models"]) == ["ref[400:800]"]
+    via_stats = {r["key"]: r for r in json.loads((tmp_path / "rep" / "scorecard.json").read_text())["models"]["b"]["rows"]}
+    for r in doc2["models"]["ref[400:800]"]["rows"]:
+        assert r["difference"] == pytest.approx(via_stats[r["key"]]["difference"], rel=1e-9, abs=1e-12), r["key"]
     doc = json.loads((tmp_path / "rep" / "scorecard.json").read_text())
     rows = {r["quantity"]: r for r in doc["models"]["b"]["rows"]}
     # two halves of one equilibrium run: the same liquid within its own noise

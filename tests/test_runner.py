@@ -173,6 +173,13 @@ temperature_K = 100000.0
         g290 = next(g for g in doc["groups"] if g["temperature_K"] == 290.0)
         assert 270 < g290["temperature"] < 310 and g290["temperature_err"] > 0 and g290["failed"] == 0
         assert 1.0 < g290["oh_bond_mean"] < 1.06
+        # ions, hop rate and the criterion that failed are carried into the aggregate and summary.md
+        hot = next(g for g in doc["groups"] if g["temperature_K"] == 100000.0)
+        assert hot["failed"] == 1 and hot["failed_criteria"] == {"blow_up": 1}
+        assert g290["n_hydronium"] is not None and g290["proton_transfer_rate"] is not None
+        assert set(agg["failed_criterion"].values.tolist()) == {"", "blow_up"} and "n_hydronium_series" in agg
+        md = (out / "summary.md").read_text()
+        assert "H3O+ per frame" in md and "hops (1/molecule/ps)" in md and "(blow-up x1)" in md
 
         # a rerun skips every finished member (complete, or failed in its own dynamics)
         before = {p.name: p.stat().st_mtime_ns for p in (out / "members").glob("*.zarr")}

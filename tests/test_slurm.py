@@ -268,9 +268,9 @@ log_directory = "{tmp_path / 'logs'}"
         jobs = slurm.jobs()
         seen.update(jobs)
         running = [j for j, state in jobs.items() if state == "RUNNING"]
-        # cancel one job while both workers are inside members, one past its first checkpoint
-        if cancelled is None and len(running) == 2 and len(_checkpoint_steps(out / "members")) == 2 \
-                and max(_checkpoint_steps(out / "members").values()) >= 200:
+        # cancel one job while both workers are inside members, both past their first checkpoint
+        steps = _checkpoint_steps(out / "members")
+        if cancelled is None and len(running) == 2 and len(steps) == 2 and min(steps.values()) >= 200:
             cancelled = running[0]
             slurm.run("scancel", cancelled)
         time.sleep(0.2)

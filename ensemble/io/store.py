@@ -40,7 +40,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
+from .. import thermo
 from ..errors import UserError
 
 SCHEMA = "ensemble.trajectory/1"
@@ -79,13 +79,12 @@ def default_chunk_frames(n_atoms: int, target_bytes: int = DEFAULT_CHUNK_BYTES) 
 
 def kinetic_energy_ev(velocities: np.ndarray, masses: np.ndarray) -> np.ndarray:
     """Kinetic energy (eV) per frame from velocities (frame, atom, xyz; Å/fs) and masses (amu)."""
-    return 0.5 * AMU_A2_PER_FS2_TO_EV * np.einsum("fax,a->f", velocities * velocities, masses)
+    return np.asarray(thermo.kinetic_energy(velocities, masses))
 
 
 def temperature_k(kinetic_ev: np.ndarray, n_atoms: int) -> np.ndarray:
     """Instantaneous temperature (K) with 3N - 3 degrees of freedom (centre of mass fixed, as CP2K)."""
-    dof = max(3 * n_atoms - 3, 1)
-    return 2.0 * np.asarray(kinetic_ev) / (dof * BOLTZMANN_EV_K)
+    return np.asarray(thermo.temperature(kinetic_ev, thermo.degrees_of_freedom(n_atoms)))
 
 
 def frame_block(*, step, time_fs, positions, velocities, masses, forces=None, accelerations=None,
@@ -152,7 +151,10 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     old = None
     if out.exists():
@@ -160,7 +162,10 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         out.rename(old)
     tmp.rename(out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def atomic_write_text(out: str | Path, text: str) -> Path:
@@ -221,22 +226,105 @@ def write_frames(path: Path, block: xr.Dataset, start: int) -> None:
                 consolidated=False, zarr_format=3)
 
 
+def open_zarr(path: str | Path, **kwargs) -> xr.Dataset:
+    """``xr.open_zarr`` of a zarr v3 store written by this package: consolidated metadata when the
+    store has it (every store written now), else the per-array metadata (stores of earlier versions)."""
+    try:
+        return xr.open_zarr(path, consolidated=True, zarr_format=3, **kwargs)
+    except ValueError as exc:
+        if "onsolidated metadata" not in str(exc):
+            raise
+    return xr.open_zarr(path, consolidated=False, zarr_format=3, **kwargs)
+
+
+def write_zarr(ds: xr.Dataset, path: str | Path, **kwargs) -> None:
+    """``ds.to_zarr`` as zarr v3 with consolidated metadata (so plain ``xr.open_zarr`` opens it
+    without a warning). zarr-python notes that consolidated metadata is an extension of the v3
+    specification; xarray and zarr-python read it, so that note is silenced here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        ds.to_zarr(path, consolidated=True, zarr_format=3, **kwargs)
+
+
 def open_trajectory(path: str | Path) -> xr.Dataset:
     """Open a trajectory store lazily (dask arrays chunked as stored)."""
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: no such store")
     try:
-        ds = xr.open_zarr(path, consolidated=False, zarr_format=3)
+        ds = open_zarr(path)
     except Exception as exc:  # zarr/xarray raise many types for a non-store
         raise StoreError(f"{path}: not a readable zarr v3 store ({exc})") from exc
     if ds.attrs.get("schema") != SCHEMA:
         raise StoreError(f"{path}: attrs['schema'] is {ds.attrs.get('schema')!r}; expected {SCHEMA!r} "
                          "(not a trajectory written by ensemble)")
+    missing = [name for name in ("positions", "species", "cell", "masses") if name not in ds.variables]
+    if missing:
+        raise StoreError(f"{path}: the trajectory has no {', '.join(repr(m) for m in missing)}; "
+                         "expected positions, species, cell and masses (see the trajectory schema)")
     # small coordinates in memory (species as str objects), so grouping and selection need no compute
-    small = {name: ds[name].load() for name in ("step", "time") if name in ds.coords}
-    small["species"] = ds["species"].copy(data=np.array([str(s) for s in ds["species"].values], dtype=object))
-    return ds.assign_coords(small)
+    try:
+        small = {name: ds[name].load() for name in ("step", "time") if name in ds.coords}
+        small["species"] = ds["species"].copy(data=np.array([str(s) for s in ds["species"].values], dtype=object))
+    except Exception as exc:  # a missing or corrupt chunk of a coordinate
+        raise StoreError(f"{path}: cannot read its coordinates ({type(exc).__name__}: {exc})") from None
+    return _strict(ds.assign_coords(small), path)
+
+
+#: per-frame arrays read strictly: a missing or unreadable chunk is an error, never fill values
+STRICT_VARIABLES = ("positions", "velocities", "forces", "accelerations", "kinetic_energy", "temperature")
+
+
+class _StrictChunks:
+    """Array-like over one stored (frame, ...) variable, for ``dask.array.from_array``: every read
+    checks that the chunk files exist (zarr would return fill values for a missing one) and turns
+    a failed read (e.g. a corrupt, undecompressable chunk) into a StoreError naming the store,
+    the variable and the frames."""
+
+    def __init__(self, path: Path, name: str, array):
+        self.path, self.name, self.array = Path(path), name, array
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.chunk_frames = int(array.chunks[0])
+
+    def _chunk_files(self, c: int):
+        import itertools
+
+        grid = [range(-(-n // k)) for n, k in zip(self.shape[1:], self.array.chunks[1:])]
+        for rest in itertools.product(*grid):
+            yield self.path.joinpath(self.name, "c", str(c), *map(str, rest))
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        frames = key[0] if isinstance(key[0], slice) else slice(int(key[0]), int(key[0]) + 1)
+        start, stop, _ = frames.indices(self.shape[0])
+        if stop > start:
+            for c in range(start // self.chunk_frames, (stop - 1) // self.chunk_frames + 1):
+                chunk = next((f for f in self._chunk_files(c) if not f.exists()), None)
+                if chunk is not None:
+                    lo, hi = c * self.chunk_frames, min((c + 1) * self.chunk_frames, self.shape[0]) - 1
+                    raise StoreError(f"{self.path}: variable {self.name!r}, frames {lo}..{hi}: the chunk file "
+                                     f"{chunk.relative_to(self.path)} is missing; the store is incomplete or damaged")
+        try:
+            return np.asarray(self.array[key])
+        except Exception as exc:
+            raise StoreError(f"{self.path}: variable {self.name!r}, frames {start}..{stop - 1} cannot be read "
+                             f"({type(exc).__name__}: {exc}); the store is damaged") from None
+
+
+def _strict(ds: xr.Dataset, path: Path) -> xr.Dataset:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    out = {}
+    for name in STRICT_VARIABLES:
+        if name in ds.data_vars and ds[name].dims and ds[name].dims[0] == "frame":
+            arr = group[name]
+            data = da.from_array(_StrictChunks(path, name, arr), chunks=arr.chunks, asarray=False,
+                                 meta=np.empty((0,) * arr.ndim, dtype=arr.dtype), name=f"strict-{path}-{name}")
+            out[name] = ds[name].copy(data=data)
+    return ds.assign(out)
 
 
 def cell_lengths_angles(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +365,31 @@ def summarize(ds: xr.Dataset) -> dict:
     }
     if "kinetic_energy_check" in ds.attrs:
         out["kinetic_energy_check"] = ds.attrs["kinetic_energy_check"]
+    out["provenance"] = provenance(ds)
+    return out
+
+
+#: store attrs that say where a store came from and how it was made
+PROVENANCE_ATTRS = ("title", "status", "created_by", "source_format", "source_files", "cell_source", "mass_source",
+                    "acceleration_source", "frame_selection", "reference_run", "initial_state", "ensemble_member",
+                    "model_provenance", "simulation_settings")
+
+
+def provenance(ds: xr.Dataset) -> dict:
+    """Where a store came from: its source files (path, role, size, sha256), the code and settings
+    that made it (JSON-encoded attrs decoded)."""
+    import json
+
+    out = {}
+    for key in PROVENANCE_ATTRS:
+        if key in ds.attrs:
+            value = ds.attrs[key]
+            if isinstance(value, str) and value[:1] in "{[":
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            out[key] = value
     return out
 
 
@@ -294,11 +407,19 @@ def format_summary(s: dict, name: str = "") -> str:
         f"(timestep {s['timestep_fs']:g} fs, a frame every {s['frame_interval_fs']:g} fs)",
         f"temperature   {s['temperature_K']['mean']:.2f} +- {s['temperature_K']['std']:.2f} K "
         "(mean +- std over frames, 3N-3 degrees of freedom)",
-        f"cell          a b c = {a:.4f} {b:.4f} {c:.4f} A, angles = {al:.2f} {be:.2f} {ga:.2f} deg"
+        f"cell          a b c = {a:.4f} {b:.4f} {c:.4f} Å, angles = {al:.2f} {be:.2f} {ga:.2f} deg"
         + (" (varies; first frame shown)" if s["cell_varies"] else ""),
         f"variables     {', '.join(s['variables'])}",
         f"accelerations {s['acceleration_source']}",
     ]
+    prov = s.get("provenance", {})
+    if prov.get("title") or prov.get("created_by"):
+        lines.append(f"made by       {prov.get('created_by', '?')}: {prov.get('title', '')}"
+                     + (f" (status: {prov['status']})" if "status" in prov else ""))
+    for f in prov.get("source_files", [])[:6]:
+        digest = f" sha256 {f['sha256'][:12]}..." if f.get("sha256") else ""
+        lines.append(f"source        {f.get('role', '')} {f.get('path', '')} "
+                     f"({f.get('size_bytes', '?')} bytes{digest})")
     ke = s.get("kinetic_energy_check")
     if ke:
         lines.append(f"KE check      max relative error {ke['max_rel_error']:.2e} against "

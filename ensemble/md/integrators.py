@@ -23,7 +23,7 @@ import numpy as np
 from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K, EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["MDState", "ChainState", "kinetic_energy", "temperature", "clip_forces", "remove_com_velocity",
-           "maxwell_boltzmann", "velocity_verlet", "nose_hoover_chain", "nhc_invariant",
+           "maxwell_boltzmann", "velocity_verlet", "nose_hoover_chain", "thermostatted", "nhc_invariant",
            "SUZUKI_YOSHIDA"]
 
 ForceFn = Callable[[np.ndarray], tuple[np.ndarray, float]]
@@ -50,7 +50,9 @@ class ChainState:
 @dataclass(frozen=True)
 class MDState:
     """Positions (Å), velocities (Å/fs), forces (eV/Å), potential energy (eV), step, and the
-    thermostat chain (None in NVE). ``clipped`` counts atom-steps whose force was clipped."""
+    thermostat chain (None in NVE). ``clipped`` counts atom-steps whose force was clipped.
+    ``aux`` holds what an integrator carries from step to step besides (for the action map: the
+    last midpoint, for its prediction, and the last step's fixed-point iterations)."""
 
     positions: np.ndarray
     velocities: np.ndarray
@@ -59,6 +61,7 @@ class MDState:
     step: int = 0
     chain: ChainState | None = None
     clipped: int = 0
+    aux: dict | None = None
 
 
 # --------------------------------------------------------------------------- small physics
@@ -170,6 +173,19 @@ def nose_hoover_chain(force_fn: ForceFn, dt_fs: float, masses, temperature_K: fl
     Q_1 = N_f k T tau^2, Q_j = k T tau^2 (tau_fs: the thermostat's time scale).
     Returns (init_fn(positions, velocities) -> MDState, step_fn(state) -> MDState).
     """
+    vv_init, vv_step = velocity_verlet(force_fn, dt_fs, masses, max_force_ev_per_angstrom=max_force_ev_per_angstrom)
+    return thermostatted(vv_init, vv_step, dt_fs, masses, temperature_K, tau_fs=tau_fs, chain_length=chain_length,
+                         sy_order=sy_order, n_respa=n_respa, dof=dof)
+
+
+def thermostatted(inner_init, inner_step, dt_fs: float, masses, temperature_K: float, *, tau_fs: float = 100.0,
+                  chain_length: int = 3, sy_order: int = 3, n_respa: int = 1, dof: int | None = None):
+    """NVT around any NVE step of length ``dt_fs`` (velocity Verlet, the action map): half a
+    step of the Nosé-Hoover chain, the inner step, half a step of the chain.
+
+    Returns (init_fn(positions, velocities) -> MDState, step_fn(state) -> MDState); the step
+    function's ``invariant(state)`` is the chain's conserved quantity.
+    """
     masses = np.asarray(masses, dtype=float)
     if sy_order not in SUZUKI_YOSHIDA:
         raise ValueError(f"sy_order must be one of {sorted(SUZUKI_YOSHIDA)}, got {sy_order}")
@@ -180,11 +196,10 @@ def nose_hoover_chain(force_fn: ForceFn, dt_fs: float, masses, temperature_K: fl
     q = np.full(chain_length, kt * tau_fs**2)
     q[0] *= nf
     weights = SUZUKI_YOSHIDA[sy_order]
-    vv_init, vv_step = velocity_verlet(force_fn, dt_fs, masses, max_force_ev_per_angstrom=max_force_ev_per_angstrom)
     half = 0.5 * float(dt_fs)
 
     def init_fn(positions, velocities) -> MDState:
-        s = vv_init(positions, velocities)
+        s = inner_init(positions, velocities)
         return replace(s, chain=ChainState(np.zeros(chain_length), np.zeros(chain_length), q))
 
     def thermostat(state: MDState) -> MDState:
@@ -193,12 +208,15 @@ def nose_hoover_chain(force_fn: ForceFn, dt_fs: float, masses, temperature_K: fl
         return replace(state, velocities=state.velocities * scale, chain=chain)
 
     def step_fn(state: MDState) -> MDState:
-        return thermostat(vv_step(thermostat(state)))
+        return thermostat(inner_step(thermostat(state)))
 
     def invariant(state: MDState) -> float:
         return nhc_invariant(state, masses, temperature_K, nf)
 
     step_fn.invariant = invariant
+    for name in ("aux_arrays",):
+        if hasattr(inner_init, name):
+            setattr(init_fn, name, getattr(inner_init, name))
     return init_fn, step_fn
 
 
