@@ -158,7 +158,8 @@ def cmd_demo(args) -> int:
     from .fit.pipeline import fit_store, load_fit_config
     from .io import format_summary, open_trajectory, summarize
     from .report import write_report
-    from .runner import aggregate, load_ensemble, run_ensemble
+    from .runner import load_ensemble, run_ensemble
+    from .report import report_ensemble
 
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -190,7 +191,7 @@ def cmd_demo(args) -> int:
         print(f"[3/5] ensemble: {len(ens.members)} members ({config})")
         summaries = run_ensemble(ens, out, client)
     print("[4/5] aggregating across members")
-    doc = aggregate(ens, out, summaries)
+    doc = report_ensemble(ens, out, summaries)
     print((out / "summary.md").read_text())
     # the report: the reference vs one member of each model (tile 1, first seed, nearest 300 K)
     chosen = {}
@@ -415,16 +416,29 @@ def cmd_report(args) -> int:
 
 def cmd_run(args) -> int:
     from .cluster import open_client
-    from .runner import aggregate, load_ensemble, resolve_embedded, run_ensemble, validate
+    from .report import report_ensemble
+    from .runner import load_ensemble, resolve_embedded, run_ensemble, validate
 
     ens = load_ensemble(args.config)
     spec = _cluster(args, ens.cluster, f"{args.config} [cluster]", Path(args.out) / "cluster-logs")
     validate(ens)                    # every member checked before anything is written or a cluster starts
-    ens = resolve_embedded(ens, args.out)
-    print(f"ensemble {ens.name}: {len(ens.members)} members, reference {ens.reference}", file=sys.stderr)
-    with open_client(spec=spec) as client:
+    out = Path(args.out)
+    written = {f"--out {name}": out / name for name in ("ensemble.json", "members", "aggregate.zarr", "summary.md",
+                                                        "summary.json", "figures", "reference.zarr",
+                                                        "reference.stats.zarr", "cluster-logs")}
+    inputs = {"CONFIG": args.config, **{f"model {k}": v for k, v in ens.models.items()},
+              **{f"member {m.id} action": m.action for m in ens.members if getattr(m, "action", None)}}
+    if ens.reference != "embedded":
+        inputs["reference"] = ens.reference
+    refuse_aliasing(written, inputs)
+    refuse_aliasing({"--out": out}, {k: v for k, v in inputs.items() if k != "CONFIG" and not Path(v).is_file()})
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; an ensemble writes a directory")
+    with open_client(spec=spec) as client:       # an unreachable cluster fails before anything is written
+        ens = resolve_embedded(ens, args.out)
+        print(f"ensemble {ens.name}: {len(ens.members)} members, reference {ens.reference}", file=sys.stderr)
         summaries = run_ensemble(ens, args.out, client, retry_failed=args.retry_failed)
-    doc = aggregate(ens, args.out, summaries)
+    doc = report_ensemble(ens, args.out, summaries)
     print((Path(args.out) / "summary.md").read_text())
     print(f"{_outcome(summaries, doc)}; wrote {args.out}/aggregate.zarr, summary.md, summary.json, figures/")
     return 0

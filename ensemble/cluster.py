@@ -315,7 +315,12 @@ def open_client(scheduler: str | None = None, n_workers: int | None = None, repo
         spec = ClusterSpec(kind="scheduler", address=scheduler) if scheduler else ClusterSpec(workers=n_workers)
     cluster = None
     if spec.kind == "scheduler":
-        client = Client(spec.address)
+        try:
+            client = Client(spec.address, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise ClusterConfigError(f"--scheduler {spec.address}: no dask scheduler answers there within 10 s "
+                                     f"({type(exc).__name__}); start one (`dask scheduler`) or leave --scheduler "
+                                     "out for a LocalCluster") from None
     elif spec.kind == "local":
         from distributed import LocalCluster
 

@@ -116,6 +116,8 @@ def _typed(name: str, value, where: str):
     if value is None:
         return None
     if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not np.isfinite(value):
+            raise EnsembleError(f"{where}: {name} = {value!r} should be a finite number")
         return float(value)
     if want is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -148,6 +150,20 @@ def load_ensemble(path: str | Path, *, reference: str | Path | None = None) -> E
                             "(MD steps between checkpoints)")
     base = path.parent
     head = raw.get("ensemble", {})
+    known_head = {"name": str, "reference": str, "window_fs": (int, float), "checkpoint_every": int}
+    for key, value in head.items():
+        if key not in known_head:
+            raise EnsembleError(f"{path} [ensemble]: unknown key {key!r}; known: {', '.join(sorted(known_head))}")
+        if not isinstance(value, known_head[key]) or isinstance(value, bool):
+            raise EnsembleError(f"{path} [ensemble]: {key} = {value!r} has the wrong type")
+    window_fs = head.get("window_fs", 100.0)
+    if not (np.isfinite(window_fs) and window_fs > 0):
+        raise EnsembleError(f"{path} [ensemble]: window_fs = {window_fs!r} should be a finite number > 0 (fs)")
+    for table in ("models", "defaults", "grid"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise EnsembleError(f"{path}: [{table}] should be a table, got {raw[table]!r}")
+    if not isinstance(raw.get("members", []), list) or not all(isinstance(m, dict) for m in raw.get("members", [])):
+        raise EnsembleError(f"{path}: [[members]] should be an array of tables")
     ref = str(reference) if reference is not None else head.get("reference")
     if not ref:
         raise EnsembleError(f"{path}: [ensemble] reference is missing (a trajectory store, or \"embedded\")")
@@ -156,6 +172,9 @@ def load_ensemble(path: str | Path, *, reference: str | Path | None = None) -> E
     models = raw.get("models", {})
     if not models:
         raise EnsembleError(f"{path}: [models] is empty; give label = \"model.json\" for each model")
+    for k, v in models.items():
+        if not isinstance(v, str) or not v:
+            raise EnsembleError(f"{path} [models]: {k} = {v!r} should be the path of a model JSON file")
     models = {k: str((base / v).resolve()) if not Path(v).is_absolute() else v for k, v in models.items()}
     defaults = dict(DEFAULTS)
     for k, v in raw.get("defaults", {}).items():
@@ -185,8 +204,9 @@ def load_ensemble(path: str | Path, *, reference: str | Path | None = None) -> E
         for k in ("steps", "stride", "tile"):
             if s[k] < 1:
                 raise EnsembleError(f"{where}: {k} must be >= 1, got {s[k]}")
-        if s["dt_fs"] <= 0 or s["temperature_K"] <= 0:
-            raise EnsembleError(f"{where}: dt_fs and temperature_K must be positive")
+        for k in ("dt_fs", "temperature_K", "tau_fs", "max_force_ev_per_angstrom"):
+            if s[k] is not None and not s[k] > 0:
+                raise EnsembleError(f"{where}: {k} must be > 0, got {s[k]}")
         from .md.simulate import INTEGRATORS
 
         if s["integrator"] not in INTEGRATORS or (s["integrator"] in ("action", "direct")) != bool(s["action"]):
@@ -560,11 +580,11 @@ def reference_stats(ens: Ensemble, out: str | Path):
     return open_stats(path)
 
 
-def aggregate(ens: Ensemble, out: str | Path, summaries: list[dict], *, n_blocks: int = 8) -> dict:
-    """Merge the members' statistics (those that produced any) into ``OUT/aggregate.zarr`` and
-    write the table (Markdown, JSON) and figures against the reference."""
+def aggregate(ens: Ensemble, out: str | Path, summaries: list[dict], *, n_blocks: int = 8):
+    """The members' statistics (those that produced any) merged into one Dataset with a ``member``
+    dimension, and the reference's statistics: ``(aggregate, reference)``. Data only: the
+    tables and figures are drawn by :func:`ensemble.report.report_ensemble`."""
     from .analysis import aggregate_members, open_stats
-    from .report import write_ensemble_report
 
     out = Path(out)
     stats, meta = {}, {}
@@ -580,4 +600,4 @@ def aggregate(ens: Ensemble, out: str | Path, summaries: list[dict], *, n_blocks
     ref = reference_stats(ens, out)
     agg = aggregate_members(stats, meta, reference=ref, n_blocks=n_blocks)
     agg.attrs.update(ensemble=ens.name, config=ens.source, reference=ens.reference)
-    return write_ensemble_report(agg, ref, out, summaries=summaries, title=f"Ensemble {ens.name}")
+    return agg, ref
