@@ -7,6 +7,7 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -453,18 +454,19 @@ def bench_md(steps: int = 100, model_path: str | Path | None = None, cutoff_angs
     for r in rows:
         print(f"  {r['molecules']:9d} {r['kind']:>13} {r['mode']:>9} {r['steps_per_s']:9.1f} "
               f"{r['atom_steps_per_s']:13.3g} {r['atom_steps_per_cpu_s']:10.3g}")
-    if fist:
+    if fist and "skipped" not in fist:
         best = max(r["steps_per_s"] for r in rows if r["molecules"] == 128 and r["mode"] == "cutoff")  # pair only
         print(f"  CP2K FIST (SPC/Fw, SPME) 128 H2O: {fist['s_per_step']:.4f} s/step = {1 / fist['s_per_step']:.1f} "
               f"steps/s; learned cutoff model / FIST = {best * fist['s_per_step']:.1f}x")
         print("  (the paper: 1000 steps of 128 H2O took ~10 h in CP2K DFT and 20 s learning-based on 16 cores)")
     else:
-        print("  CP2K not installed: no FIST comparison")
+        print(f"  no CP2K FIST comparison: {fist['skipped']}")
     return {"rows": rows, "fist": fist}
 
 
-def _bench_cp2k_fist(tmp: Path, state, steps: int) -> dict | None:
-    """Time CP2K FIST SPC/Fw NVE on ``state`` (one MPI rank, one thread)."""
+def _bench_cp2k_fist(tmp: Path, state, steps: int) -> dict:
+    """Time CP2K FIST SPC/Fw NVE on ``state`` (one MPI rank, one thread); ``{"skipped": why}`` when
+    it cannot run."""
     import subprocess
 
     from .io.cp2k_input import read_input, render_input
@@ -472,11 +474,12 @@ def _bench_cp2k_fist(tmp: Path, state, steps: int) -> dict | None:
 
     try:
         cmd = find_cp2k()
-    except Cp2kNotFound:
-        return None
+    except Cp2kNotFound as exc:
+        return {"skipped": f"CP2K not found ({exc})"}
     inp = Path(__file__).resolve().parents[1] / "configs" / "cp2k" / "fist-spcfw-nve.inp"
     if not inp.is_file():
-        return None
+        return {"skipped": f"CP2K is installed ({' '.join(cmd)}), but the FIST input {inp} is not: it ships "
+                           "with a source checkout (configs/cp2k), not with an installed package"}
     root = read_input(inp)
     root.ensure("MOTION/MD").set("STEPS", str(steps))
     root.ensure("GLOBAL").set("PROJECT", "bench")
@@ -491,7 +494,8 @@ def _bench_cp2k_fist(tmp: Path, state, steps: int) -> dict | None:
     done = subprocess.run(cmd + ["-i", "bench.inp", "-o", "bench.out"], cwd=tmp, env=env, capture_output=True)
     wall = time.perf_counter() - t
     if done.returncode != 0:
-        return None
+        tail = (tmp / "bench.out").read_text()[-300:] if (tmp / "bench.out").exists() else done.stderr[-300:]
+        return {"skipped": f"CP2K failed (exit code {done.returncode}): {tail!r}"}
     return {"steps": steps, "seconds": wall, "s_per_step": wall / steps}
 
 
@@ -510,7 +514,8 @@ def bench_runner(members: int = 8, steps: int = 1000, model_path: str | Path | N
     from .data import write_default_store
     from .invariants import paper_weights
     from .model import Model
-    from .runner import aggregate, load_ensemble, run_ensemble
+    from .report import report_ensemble
+    from .runner import load_ensemble, run_ensemble
 
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ensemble-bench-runner-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -539,7 +544,7 @@ def bench_runner(members: int = 8, steps: int = 1000, model_path: str | Path | N
                 summaries = run_ensemble(ens, out, client, report=lambda m: None)
                 wall = time.perf_counter() - t0
             t1 = time.perf_counter()
-            aggregate(ens, out, summaries)
+            report_ensemble(ens, out, summaries)
             agg_s = time.perf_counter() - t1
             inside = [s["seconds"] for s in summaries]
             bad = [s for s in summaries if s["status"] != "complete"]
@@ -652,3 +657,207 @@ def bench_action(model_path: str | Path, action_paths, *, ps: float = 1.0, init:
         print(f"  {r['integrator']:>10} {r['dt_fs']:6.2f} {r['ps_per_wall_s']:10.3f} {r['ps_per_cpu_s']:9.3f} "
               f"{r['speedup_cpu']:8.2f}x {it:>16}")
     return {"rows": rows}
+
+
+# --------------------------------------------------------------------------- out-of-core at scale
+
+#: a segment of the scaled store: 20 000 NVT steps (10 ps at 0.5 fs), a frame every 2 steps (1 fs)
+SCALE_SEGMENT_STEPS, SCALE_STRIDE = 20_000, 2
+
+
+def _scale_segment(model_path: str, ref: str, k: int, steps: int, out: str) -> dict:
+    """One independent NVT segment of learned MD (a dask task): from frame ``(47 k) mod n`` of the
+    embedded data with Maxwell-Boltzmann velocities at 300 K (seed k), forces written."""
+    import dask
+
+    from .io.store import open_trajectory
+    from .md import initial_state, simulate
+    from .md.simulate import SimulationError
+    from .model import load_model
+
+    model = load_model(model_path)
+    n = open_trajectory(ref).sizes["frame"]
+    with dask.config.set(scheduler="synchronous"):
+        for attempt in range(3):      # a segment the model blows up in is redrawn with another seed
+            seed = k + 1000 * attempt
+            init = initial_state(ref, frame=(47 * k) % n, temperature_K=300.0, seed=seed)
+            try:
+                s = simulate(model, init, steps=steps, dt_fs=0.5, temperature_K=300.0, stride=SCALE_STRIDE,
+                             tau_fs=100.0, out=out, overwrite=True, write_forces=True, checkpoint_every=steps,
+                             block_frames=500)
+                return {"segment": k, "seed": seed, "init_frame": (47 * k) % n, "frames": s.frames,
+                        "mean_temperature_K": s.mean_temperature_K, "seconds": s.seconds}
+            except SimulationError as exc:
+                last = exc
+    raise RuntimeError(f"segment {k}: the model blew up with three seeds ({last})")
+
+
+def build_scaled_store(scale: int, cache: str | Path, *, model_path: str | Path | None = None, workers: int = 2,
+                       report=None) -> Path:
+    """A trajectory store ``scale`` times the embedded one (``scale`` x 1001 frames of 384 atoms),
+    made by learned MD from the embedded data, built once in ``cache`` and reused.
+
+    The frames are independent 10 ps NVT segments at 300 K (0.5 fs steps, a frame every 2
+    steps, forces written) of a conservative cutoff model (5 Å; ``model_path``, or one fitted
+    here on the embedded data and kept in ``cache``), each started from another frame of the
+    embedded data with its own Maxwell-Boltzmann velocities, run in parallel on a LocalCluster
+    and written in order into one store (chunked along frames as ``ensemble ingest`` does).
+    An interrupted build continues with the segments not yet written.
+    """
+    import json
+
+    import dask
+    from distributed import as_completed
+
+    from .cluster import ClusterSpec, open_client
+    from .data import load_default, write_default_store
+    from .io.store import atomic_write_text
+
+    report = report or (lambda msg: print(msg, flush=True))
+    cache = Path(cache).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    n_ref = load_default().sizes["frame"]
+    n_frames = scale * n_ref
+    final = cache / f"learned-md-x{scale}.zarr"
+    if final.exists():
+        return final
+    ref = cache / "embedded.zarr"
+    if not ref.exists():
+        write_default_store(ref)
+    if model_path is None:
+        model_path = cache / "conservative-c5.json"
+        if not model_path.exists():
+            from .fit.pipeline import fit_store, load_fit_config
+
+            report(f"fitting a conservative cutoff model (5 Å) on the embedded data -> {model_path}")
+            with open_client(spec=ClusterSpec(workers=workers), report=lambda m: None):
+                cfg = load_fit_config(None, kind="conservative", neighbour_mode="cutoff", cutoff_angstrom=5.0,
+                                      frame_stride=4, chunk_frames=10)
+                fit_store(ref, cfg, progress=lambda m: None).model.save(model_path)
+    per = SCALE_SEGMENT_STEPS // SCALE_STRIDE + 1
+    n_seg = -(-n_frames // per)
+    building = cache / f".learned-md-x{scale}.zarr.building"
+    done_file = cache / f".learned-md-x{scale}.segments.json"
+    done = json.loads(done_file.read_text()) if building.exists() and done_file.exists() else {}
+    segdir = cache / "segments"
+    segdir.mkdir(exist_ok=True)
+    todo = [k for k in range(n_seg) if str(k) not in done]
+    report(f"building {final}: {n_frames} frames = {n_seg} segments of {SCALE_SEGMENT_STEPS} NVT steps "
+           f"(stride {SCALE_STRIDE}), {len(todo)} to run on {workers} workers")
+    t0 = time.perf_counter()
+    with open_client(spec=ClusterSpec(workers=workers), report=lambda m: None) as client:
+        futs = []
+        for k in todo:
+            frames_k = min(per, n_frames - k * per)
+            steps_k = (frames_k - 1) * SCALE_STRIDE
+            futs.append(client.submit(_scale_segment, str(model_path), str(ref), k, steps_k,
+                                      str(segdir / f"seg-{k}.zarr"), key=f"scale-segment-{k}", pure=False))
+        for fut in as_completed(futs):
+            info = fut.result()
+            with dask.config.set(scheduler="synchronous"):    # here, not behind the segments on the workers
+                _append_segment(segdir / f"seg-{info['segment']}.zarr", building, info["segment"] * per, n_frames,
+                                n_seg)
+            k = info["segment"]
+            done[str(k)] = info
+            atomic_write_text(done_file, json.dumps(done, indent=1) + "\n")
+            shutil.rmtree(segdir / f"seg-{k}.zarr", ignore_errors=True)
+            report(f"  segment {k + 1}/{n_seg}: {info['frames']} frames, mean T {info['mean_temperature_K']:.0f} K, "
+                   f"{len(done)}/{n_seg} written, {time.perf_counter() - t0:.0f} s")
+    import zarr
+
+    root = zarr.open_group(building, mode="r+")
+    root.attrs["segments"] = json.dumps([done[str(k)] for k in range(n_seg)])
+    os.replace(building, final)
+    done_file.unlink()
+    shutil.rmtree(segdir, ignore_errors=True)
+    return final
+
+
+def _append_segment(segment: Path, building: Path, start: int, n_frames: int, n_seg: int) -> None:
+    """Write one segment's frames at ``start`` of the scaled store (laid out on the first call)."""
+    from .io.store import create_store, default_chunk_frames, open_trajectory, write_frames
+
+    seg = open_trajectory(segment)
+    keep = [v for v in ("positions", "velocities", "forces", "accelerations", "kinetic_energy", "temperature",
+                        "potential_energy", "conserved_energy") if v in seg]
+    seg = seg[keep + ["masses", "cell"]]
+    if not building.exists():
+        tmpl = seg.isel(frame=slice(0, 1)).load()
+        tmpl.attrs = {**{a: seg.attrs[a] for a in ("schema", "timestep_fs", "model_provenance") if a in seg.attrs},
+                      "title": f"learned MD (conservative, cutoff 5 Å), {n_seg} independent NVT segments "
+                               f"of 10 ps at 300 K, concatenated",
+                      "source_format": "ensemble bench gram --scale", "frame_interval_fs": 0.5 * SCALE_STRIDE,
+                      "acceleration_source": "model forces / masses", "created_by": "ensemble bench gram"}
+        create_store(building, tmpl, n_frames, default_chunk_frames(seg.sizes["atom"]))
+    blk = seg.load()
+    steps = np.arange(start, start + blk.sizes["frame"]) * SCALE_STRIDE
+    write_frames(building, blk.assign_coords(step=("frame", steps), time=("frame", 0.5 * steps)), start)
+
+
+def _worker_spilled_bytes(dask_worker) -> int:
+    total = getattr(dask_worker.data, "spilled_total", None)
+    return int(getattr(total, "disk", 0) or 0) if total is not None else 0
+
+
+def bench_gram_scale(scale: int = 100, workdir: str | Path | None = None, *, model_path: str | Path | None = None,
+                     workers: int = 2, memory_limit: str = "1GB", chunk_frames: int = 50,
+                     cutoff_angstrom: float | None = 5.0, n_weights: int = 18) -> dict:
+    """Out-of-core fit at scale: the agent model (cutoff 5 Å, the paper's 18 weights, or
+    ``n_weights = 7`` of them) fitted on the first 1x, 10x, ... up to ``scale`` x the embedded
+    frames of a learned-MD store
+    (:func:`build_scaled_store`, cached in ``workdir``, default ~/.cache/ensemble), each on a
+    fresh LocalCluster of ``workers`` workers limited to ``memory_limit`` each.
+
+    Prints, per length: frames, wall time of the Gram pass, frames/s, the peak RSS of every
+    worker, bytes spilled to disk, and the validation error of the fit (all weights, quadratic).
+    Memory stays flat because only (C + 1)^2 matrices are combined, whatever the length.
+    """
+    from .cluster import ClusterSpec, open_client, process_peak_rss_mb
+    from .fit.gram import Splits, accumulate_gram, fit_species
+    from .invariants import paper_weights
+    from .io.store import open_trajectory
+
+    cache = Path(workdir).expanduser() if workdir else Path.home() / ".cache" / "ensemble"
+    t_build = time.perf_counter()
+    store = build_scaled_store(scale, cache, model_path=model_path, workers=workers)
+    build_s = time.perf_counter() - t_build
+    full = open_trajectory(store)
+    n_ref = full.sizes["frame"] // scale
+    factors = [f for f in (1, 10, 100, 1000) if f < scale] + [scale]
+    # all 18 of the paper's weight functions, or the 7 that `ensemble bench md` uses (703 or 119 columns)
+    ws = paper_weights() if n_weights == 18 else paper_weights().subset([1, 3, 9, 11, 13, 16, 17])
+    rows = []
+    for factor in factors:
+        n = n_ref * factor
+        spec = ClusterSpec(workers=workers, memory=memory_limit)
+        with open_client(spec=spec, report=lambda m: None) as client:
+            ds = full.isel(frame=slice(0, n)).chunk({"frame": chunk_frames})
+            accumulate_gram(full.isel(frame=slice(0, 2 * chunk_frames)).chunk({"frame": chunk_frames}), ws,
+                            splits=Splits(), cutoff_angstrom=cutoff_angstrom)       # warm-up (kernels, imports)
+            t = time.perf_counter()
+            gram = accumulate_gram(ds, ws, splits=Splits(), cutoff_angstrom=cutoff_angstrom)
+            dt = time.perf_counter() - t
+            rss = client.run(process_peak_rss_mb)
+            spilled = client.run(_worker_spilled_bytes)
+        with warnings.catch_warnings():         # all 18 weights: ill-conditioned, ridge-regularised
+            warnings.simplefilter("ignore", RuntimeWarning)
+            val = {name: fit_species(gram, s).errors["validation"] for s, name in enumerate(gram.species)}
+        rows.append({"factor": factor, "frames": n, "seconds": dt, "frames_per_s": n / dt,
+                     "peak_rss_mb": sorted(rss.values()), "spilled_bytes": int(sum(spilled.values())),
+                     "validation_relative_rmse": val})
+        print(f"  {factor:4d}x {n:7d} frames  {dt:8.1f} s  {n / dt:6.1f} frames/s  peak RSS/worker "
+              + " ".join(f"{v:5.0f}" for v in sorted(rss.values())) + f" MB  spilled {sum(spilled.values()) / 1e6:.0f} MB"
+              + "  validation " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()), flush=True)
+    size_gb = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 1e9
+    print(f"ensemble bench gram --scale {scale}: {store} ({full.sizes['frame']} frames x {full.sizes['atom']} atoms, "
+          f"{size_gb:.2f} GB on disk; built or found in {build_s:.0f} s)")
+    mode = f"cutoff {cutoff_angstrom:g} Å" if cutoff_angstrom else "paper mode"
+    print(f"  agent model, {mode}, {len(ws)} weights; {workers} workers, memory_limit {memory_limit} each, "
+          f"{chunk_frames} frames per task")
+    print(f"  {'length':>6} {'frames':>8} {'wall s':>9} {'frames/s':>9} {'peak RSS per worker (MB)':>26} {'spilled':>9}")
+    for r in rows:
+        print(f"  {r['factor']:5d}x {r['frames']:8d} {r['seconds']:9.1f} {r['frames_per_s']:9.1f} "
+              f"{' '.join(f'{v:6.0f}' for v in r['peak_rss_mb']):>26} {r['spilled_bytes'] / 1e6:7.0f} MB")
+    growth = max(rows[-1]["peak_rss_mb"]) / max(rows[0]["peak_rss_mb"])
+    print(f"  peak RSS per worker at {rows[-1]['factor']}x / at 1x: {growth:.2f}")
+    return {"store": str(store), "store_gb": size_gb, "rows": rows, "rss_growth": growth}

@@ -63,6 +63,20 @@ def _print_ingest(report, out: Path) -> None:
     print(format_summary(summarize(open_trajectory(out)), str(out)))
 
 
+def _cluster(args, table: dict | None, where: str, log_directory: Path | None = None):
+    """The cluster to run on: the config's ``[cluster]`` table, overridden by --cluster, --scheduler,
+    --workers and --jobs (checked before anything is written or started)."""
+    from dataclasses import replace
+
+    from .cluster import JOB_QUEUES, cluster_spec
+
+    spec = cluster_spec(table, where=where, kind=args.cluster, scheduler=args.scheduler, workers=args.workers,
+                        jobs=args.jobs)
+    if spec.kind in JOB_QUEUES and spec.log_directory is None and log_directory is not None:
+        spec = replace(spec, log_directory=str(log_directory))
+    return spec
+
+
 def cmd_ingest(args) -> int:
     out = Path(args.out)
     cell = None
@@ -144,7 +158,8 @@ def cmd_demo(args) -> int:
     from .fit.pipeline import fit_store, load_fit_config
     from .io import format_summary, open_trajectory, summarize
     from .report import write_report
-    from .runner import aggregate, load_ensemble, run_ensemble
+    from .runner import load_ensemble, run_ensemble
+    from .report import report_ensemble
 
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -161,7 +176,8 @@ def cmd_demo(args) -> int:
     ens = load_ensemble(config)
     if args.steps:
         ens = dataclasses.replace(ens, members=tuple(dataclasses.replace(m, steps=args.steps) for m in ens.members))
-    with open_client(args.scheduler, args.workers) as client:
+    spec = _cluster(args, None, "ensemble demo")
+    with open_client(spec=spec) as client:
         for label, overrides in (("agent-paper", {"kind": "agent"}),
                                  ("manybody", {"kind": "conservative", "angular": "default"})):
             t0 = time.perf_counter()
@@ -174,7 +190,7 @@ def cmd_demo(args) -> int:
         print(f"[3/5] ensemble: {len(ens.members)} members ({config})")
         summaries = run_ensemble(ens, out, client)
     print("[4/5] aggregating across members")
-    doc = aggregate(ens, out, summaries)
+    doc = report_ensemble(ens, out, summaries)
     print((out / "summary.md").read_text())
     # the report: the reference vs one member of each model (tile 1, first seed, nearest 300 K)
     chosen = {}
@@ -217,7 +233,14 @@ def cmd_fit(args) -> int:
     for store in [*args.store, *args.validation, *args.test]:
         open_trajectory(store)            # a clear error before any cluster starts
     out = Path(args.out or f"model-{cfg.kind}.json")
-    with open_client(args.scheduler, args.workers):
+    table = None
+    if args.config:
+        from .configfile import read_toml
+
+        table = read_toml(args.config, "fit config", UsageError).get("cluster")
+    spec = _cluster(args, table, f"{args.config} [cluster]" if table is not None else "ensemble fit",
+                    out.with_name(out.stem + "-cluster-logs"))
+    with open_client(spec=spec):
         try:
             report = fit_stores(args.store, cfg, validation=args.validation, test=args.test,
                                 progress=lambda m: print(m, file=sys.stderr))
@@ -405,15 +428,29 @@ def cmd_report(args) -> int:
 
 def cmd_run(args) -> int:
     from .cluster import open_client
-    from .runner import aggregate, load_ensemble, resolve_embedded, run_ensemble, validate
+    from .report import report_ensemble
+    from .runner import load_ensemble, resolve_embedded, run_ensemble, validate
 
     ens = load_ensemble(args.config)
+    spec = _cluster(args, ens.cluster, f"{args.config} [cluster]", Path(args.out) / "cluster-logs")
     validate(ens)                    # every member checked before anything is written or a cluster starts
-    ens = resolve_embedded(ens, args.out)
-    print(f"ensemble {ens.name}: {len(ens.members)} members, reference {ens.reference}", file=sys.stderr)
-    with open_client(args.scheduler, args.workers) as client:
+    out = Path(args.out)
+    written = {f"--out {name}": out / name for name in ("ensemble.json", "members", "aggregate.zarr", "summary.md",
+                                                        "summary.json", "figures", "reference.zarr",
+                                                        "reference.stats.zarr", "cluster-logs")}
+    inputs = {"CONFIG": args.config, **{f"model {k}": v for k, v in ens.models.items()},
+              **{f"member {m.id} action": m.action for m in ens.members if getattr(m, "action", None)}}
+    if ens.reference != "embedded":
+        inputs["reference"] = ens.reference
+    refuse_aliasing(written, inputs)
+    refuse_aliasing({"--out": out}, {k: v for k, v in inputs.items() if k != "CONFIG" and not Path(v).is_file()})
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; an ensemble writes a directory")
+    with open_client(spec=spec) as client:       # an unreachable cluster fails before anything is written
+        ens = resolve_embedded(ens, args.out)
+        print(f"ensemble {ens.name}: {len(ens.members)} members, reference {ens.reference}", file=sys.stderr)
         summaries = run_ensemble(ens, args.out, client, retry_failed=args.retry_failed)
-    doc = aggregate(ens, args.out, summaries)
+    doc = report_ensemble(ens, args.out, summaries)
     print((Path(args.out) / "summary.md").read_text())
     print(f"{_outcome(summaries, doc)}; wrote {args.out}/aggregate.zarr, summary.md, summary.json, figures/")
     return 0
@@ -440,9 +477,24 @@ def cmd_bench(args) -> int:
             bench.bench_md(steps=args.steps, model_path=args.model, cutoff_angstrom=args.cutoff)
     elif args.what == "runner":
         bench.bench_runner(members=args.members, steps=args.steps, model_path=args.model, workdir=args.workdir)
+    elif args.scale:
+        bench.bench_gram_scale(args.scale, args.workdir, model_path=args.model, memory_limit=args.memory_limit,
+                               n_weights=args.weights)
     else:
         bench.bench_gram(frames=args.frames, long_factor=args.long_factor, workdir=args.workdir)
     return 0
+
+
+def _cluster_args(s, table: str | None) -> None:
+    from .cluster import KINDS
+
+    default = f"default: {table}, else local" if table else "default: local"
+    s.add_argument("--cluster", choices=KINDS, help=f"where the dask workers run ({default}); slurm / pbs / sge "
+                   "submit batch jobs through dask-jobqueue (pip install 'ensemble[cluster]')")
+    s.add_argument("--scheduler", metavar="ADDRESS", help="an existing dask scheduler (tcp://HOST:PORT)")
+    s.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    s.add_argument("--jobs", type=int, help="batch jobs kept running (slurm / pbs / sge; instead of the adaptive "
+                   "minimum_jobs / maximum_jobs of [cluster])")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,8 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(lowest validation error) or 'all' (no elimination)")
     s.add_argument("--frame-stride", type=int, help="use every n-th frame")
     s.add_argument("--chunk-frames", type=int, help="frames per dask task")
-    s.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
-    s.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
+    _cluster_args(s, "the fit config's [cluster] table")
     s.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("simulate", help="learning-based MD with a fitted model, streamed to a zarr store")
@@ -598,9 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run an ensemble of learned simulations on a dask cluster and aggregate them")
     s.add_argument("config", help="ensemble TOML (see configs/ensemble/)")
     s.add_argument("--out", required=True, help="output directory (members, aggregate, summary, figures)")
-    s.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://HOST:PORT); default: a "
-                                       "LocalCluster with one worker per core")
-    s.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
+    _cluster_args(s, "the config's [cluster] table")
     s.add_argument("--retry-failed", action="store_true", help="rerun members whose dynamics failed before")
     s.set_defaults(func=cmd_run)
 
@@ -610,8 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="ensemble-demo", help="output directory (default ./ensemble-demo)")
     s.add_argument("--fit-stride", type=int, default=4, help="fit on every n-th frame (default 4)")
     s.add_argument("--steps", type=int, help="MD steps of every member (default: as in the demo ensemble)")
-    s.add_argument("--scheduler", help="an existing dask scheduler (default: a LocalCluster)")
-    s.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
+    _cluster_args(s, None)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks that print figures")
@@ -623,6 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("gram", help="Gram reduction: frames/s with 1 and 2 workers, memory, syrk fraction")
     b.add_argument("--frames", type=int, help="frames of the embedded data to use (default all)")
     b.add_argument("--long-factor", type=int, default=10, help="length of the long store, in default stores")
+    b.add_argument("--scale", type=int, help="out of core at scale instead: build (once, cached in --workdir, default "
+                   "~/.cache/ensemble) a learned-MD store SCALE x the embedded one and fit 1x, 10x, ... SCALE x of it "
+                   "on 2 workers of --memory-limit each: peak RSS per worker, frames/s, spill, wall time")
+    b.add_argument("--memory-limit", default="1GB", help="memory limit per worker with --scale (default 1GB)")
+    b.add_argument("--weights", type=int, choices=[7, 18], default=18,
+                   help="with --scale: the paper's 18 weight functions (703 columns) or 7 of them (119)")
+    b.add_argument("--model", help="with --scale: the conservative cutoff model that makes the store "
+                   "(default: one fitted on the embedded data)")
     b.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser("runner", help="ensemble runner: members/s and overhead per member, 1 and 2 workers")

@@ -25,7 +25,7 @@ from .analysis import (CRITERIA, STATS_SCHEMA, AnalysisError, analyze, open_stat
 from .errors import UserError
 
 __all__ = ["load_stats", "compare", "format_scorecard", "write_report", "wasserstein1", "spectrum_distance",
-           "ReportError", "ensemble_table", "format_ensemble_table", "write_ensemble_report"]
+           "ReportError", "ensemble_table", "format_ensemble_table", "write_ensemble_report", "report_ensemble"]
 
 
 class ReportError(UserError, ValueError):
@@ -597,3 +597,12 @@ def write_ensemble_report(agg: xr.Dataset, reference: xr.Dataset | None, out: st
                       json.dumps(_finite(doc), indent=1, default=_json_default, allow_nan=False) + "\n")
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     return doc
+
+
+def report_ensemble(ens, out: str | Path, summaries: list[dict], *, n_blocks: int = 8) -> dict:
+    """Aggregate an ensemble's members (:func:`ensemble.runner.aggregate`) and write
+    ``aggregate.zarr``, ``summary.json``, ``summary.md`` and ``figures/`` into ``out``."""
+    from .runner import aggregate
+
+    agg, ref = aggregate(ens, out, summaries, n_blocks=n_blocks)
+    return write_ensemble_report(agg, ref, out, summaries=summaries, title=f"Ensemble {ens.name}")

@@ -5,18 +5,23 @@ An ensemble is a TOML file (``configs/ensemble/``): ``[models]`` (label -> model
 members) and ``[[members]]`` (explicit extra members). :func:`load_ensemble` expands and
 checks it; every member is a frozen :class:`Member` with an explicit seed and a stable id.
 
-:func:`run_member` is the pure task: it simulates one member into a temporary store,
-renames it into place (a member whose model blows up keeps its store with status
-``failed: ...``), analyses it (:func:`ensemble.analysis.analyze`, in the worker) and returns a
-small summary. :func:`run_ensemble` validates everything before anything runs, skips members
-already finished, submits the rest to a dask client, reports progress (done / running /
-failed, ETA) and records every member's outcome. A worker that dies mid-member has the
-member rerun elsewhere by the scheduler; runs are deterministic, so the result is the same.
+:func:`run_member` is the pure task: it simulates one member into its in-progress store,
+checkpointing every ``checkpoint_every`` steps, renames it into place when the run ends (a
+member whose model blows up keeps its store with status ``failed: ...``), analyses it
+(:func:`ensemble.analysis.analyze`, in the worker) and returns a small summary. A member
+whose worker died (a lost node, a cancelled job, a walltime) continues from its last
+checkpoint when it runs again, on a retry by the scheduler or in a rerun of the ensemble,
+and its trajectory is bitwise the one an uninterrupted run writes. :func:`run_ensemble`
+validates everything before anything runs, skips members already finished, submits the rest
+to a dask client, reports progress (done / running / failed, ETA) and records every member's
+outcome. A worker that dies mid-member has the
+member rerun elsewhere by the scheduler, from its last checkpoint.
 
 Directory layout of ``OUT``::
 
     ensemble.json              the expanded members and where they came from
-    members/<id>.zarr          trajectory store of each member (atomic: temporary path, rename)
+    members/<id>.zarr          trajectory store of each member (renamed into place when its run ends)
+    members/.<id>.zarr.running the store of a member still running, or interrupted: resumable
     members/<id>.stats.zarr    its statistics (ensemble.stats/1)
     members/<id>.json          its summary (status, timings, error)
     aggregate.zarr, summary.md, summary.json, figures/   (ensemble.aggregate)
@@ -100,6 +105,8 @@ class Ensemble:
     members: tuple[Member, ...]
     window_fs: float = 100.0
     models: dict = field(default_factory=dict)
+    checkpoint_every: int = 1000           # MD steps between a member's checkpoints (execution, not identity)
+    cluster: dict | None = None            # the [cluster] table (checked; see ensemble.cluster.cluster_spec)
 
 
 def _typed(name: str, value, where: str):
@@ -109,6 +116,8 @@ def _typed(name: str, value, where: str):
     if value is None:
         return None
     if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not np.isfinite(value):
+            raise EnsembleError(f"{where}: {name} = {value!r} should be a finite number")
         return float(value)
     if want is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -126,12 +135,35 @@ def load_ensemble(path: str | Path, *, reference: str | Path | None = None) -> E
     """
     path = Path(path)
     raw = read_toml(path, "ensemble config", EnsembleError)
-    unknown = set(raw) - {"ensemble", "models", "defaults", "grid", "members"}
+    unknown = set(raw) - {"ensemble", "models", "defaults", "grid", "members", "cluster"}
     if unknown:
         raise EnsembleError(f"{path}: unknown table(s) {sorted(unknown)}; expected ensemble, models, defaults, "
-                            "grid, members")
+                            "grid, members, cluster")
+    from .cluster import check_cluster_table
+
+    cluster = raw.get("cluster")
+    if cluster is not None:
+        check_cluster_table(cluster, f"{path} [cluster]")
+    checkpoint_every = raw.get("ensemble", {}).get("checkpoint_every", 1000)
+    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+        raise EnsembleError(f"{path} [ensemble]: checkpoint_every = {checkpoint_every!r} should be an integer >= 1 "
+                            "(MD steps between checkpoints)")
     base = path.parent
     head = raw.get("ensemble", {})
+    known_head = {"name": str, "reference": str, "window_fs": (int, float), "checkpoint_every": int}
+    for key, value in head.items():
+        if key not in known_head:
+            raise EnsembleError(f"{path} [ensemble]: unknown key {key!r}; known: {', '.join(sorted(known_head))}")
+        if not isinstance(value, known_head[key]) or isinstance(value, bool):
+            raise EnsembleError(f"{path} [ensemble]: {key} = {value!r} has the wrong type")
+    window_fs = head.get("window_fs", 100.0)
+    if not (np.isfinite(window_fs) and window_fs > 0):
+        raise EnsembleError(f"{path} [ensemble]: window_fs = {window_fs!r} should be a finite number > 0 (fs)")
+    for table in ("models", "defaults", "grid"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise EnsembleError(f"{path}: [{table}] should be a table, got {raw[table]!r}")
+    if not isinstance(raw.get("members", []), list) or not all(isinstance(m, dict) for m in raw.get("members", [])):
+        raise EnsembleError(f"{path}: [[members]] should be an array of tables")
     ref = str(reference) if reference is not None else head.get("reference")
     if not ref:
         raise EnsembleError(f"{path}: [ensemble] reference is missing (a trajectory store, or \"embedded\")")
@@ -140,6 +172,9 @@ def load_ensemble(path: str | Path, *, reference: str | Path | None = None) -> E
     models = raw.get("models", {})
     if not models:
         raise EnsembleError(f"{path}: [models] is empty; give label = \"model.json\" for each model")
+    for k, v in models.items():
+        if not isinstance(v, str) or not v:
+            raise EnsembleError(f"{path} [models]: {k} = {v!r} should be the path of a model JSON file")
     models = {k: str((base / v).resolve()) if not Path(v).is_absolute() else v for k, v in models.items()}
     defaults = dict(DEFAULTS)
     for k, v in raw.get("defaults", {}).items():
@@ -169,8 +204,9 @@ def load_ensemble(path: str | Path, *, reference: str | Path | None = None) -> E
         for k in ("steps", "stride", "tile"):
             if s[k] < 1:
                 raise EnsembleError(f"{where}: {k} must be >= 1, got {s[k]}")
-        if s["dt_fs"] <= 0 or s["temperature_K"] <= 0:
-            raise EnsembleError(f"{where}: dt_fs and temperature_K must be positive")
+        for k in ("dt_fs", "temperature_K", "tau_fs", "max_force_ev_per_angstrom"):
+            if s[k] is not None and not s[k] > 0:
+                raise EnsembleError(f"{where}: {k} must be > 0, got {s[k]}")
         from .md.simulate import INTEGRATORS
 
         if s["integrator"] not in INTEGRATORS or (s["integrator"] in ("action", "direct")) != bool(s["action"]):
@@ -184,7 +220,8 @@ def load_ensemble(path: str | Path, *, reference: str | Path | None = None) -> E
     if dup:
         raise EnsembleError(f"{path}: members {sorted(dup)} are listed twice (same settings)")
     return Ensemble(name=head.get("name", path.stem), source=str(path.resolve()), reference=ref,
-                    members=tuple(members), window_fs=float(head.get("window_fs", 100.0)), models=models)
+                    members=tuple(members), window_fs=float(head.get("window_fs", 100.0)), models=models,
+                    checkpoint_every=checkpoint_every, cluster=cluster)
 
 
 # --------------------------------------------------------------------------- checks before running
@@ -252,7 +289,8 @@ def validate(ens: Ensemble) -> None:
 
 def _paths(out: Path, m: Member) -> dict[str, Path]:
     d = out / "members"
-    return {"store": d / f"{m.id}.zarr", "stats": d / f"{m.id}.stats.zarr", "summary": d / f"{m.id}.json"}
+    return {"store": d / f"{m.id}.zarr", "stats": d / f"{m.id}.stats.zarr", "summary": d / f"{m.id}.json",
+            "running": d / f".{m.id}.zarr.running", "lock": d / f".{m.id}.lock"}
 
 
 def member_status(out: str | Path, m: Member) -> dict | None:
@@ -264,63 +302,158 @@ def member_status(out: str | Path, m: Member) -> dict | None:
     return summary if summary.get("member") == asdict(m) else None
 
 
-def run_member(member: Member, out: str, window_fs: float = 100.0) -> dict:
+def run_member(member: Member, out: str, window_fs: float = 100.0, checkpoint_every: int = 1000) -> dict:
     """Simulate, store and analyse one member; return its summary (a pure function of ``member``).
 
-    The trajectory goes to a temporary path and is renamed into place when the run ends; a run
-    the model blows up keeps its store (status ``failed: ...``, frames up to the failure) and is
-    analysed like any other. Any other error propagates (the runner records it).
+    The trajectory is written to ``members/.<id>.zarr.running`` with a checkpoint every
+    ``checkpoint_every`` steps and renamed to ``members/<id>.zarr`` when the run ends, so a
+    half-written store never appears under the final name. If a run of this member was
+    interrupted (its worker died), it continues from that store's last checkpoint (the summary's
+    ``resumed_from_step``; the store's ``resumed_from_steps`` lists every resume) and the
+    trajectory is bitwise the one an uninterrupted run writes. A run the model blows up keeps its
+    store (status ``failed: ...``, frames up to the failure) and is analysed like any other. Any
+    other error propagates (the runner records it).
     """
+    import fcntl
+
     import dask
 
-    # serial inside the worker: dask computations here must not fan out to the cluster running us
-    with dask.config.set(scheduler="synchronous"):
-        return _run_member(member, Path(out), window_fs)
+    lock = _paths(Path(out), member)["lock"]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    # one process at a time per member: a worker whose job was cancelled may still be writing until
+    # the batch system kills it, while the scheduler already retries the member elsewhere; the
+    # lock is released when its holder exits, however it exits
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        # serial inside the worker: dask computations here must not fan out to the cluster running us
+        with dask.config.set(scheduler="synchronous"):
+            return _run_member(member, Path(out), window_fs, checkpoint_every)
 
 
-def _run_member(member: Member, out: Path, window_fs: float) -> dict:
+def _where_running() -> dict:
+    """The dask worker and batch job this runs in (empty strings outside them), and the peak
+    resident memory of this process so far (MB)."""
+    try:
+        from distributed import get_worker
+
+        worker = str(get_worker().name)
+    except (ImportError, ValueError):
+        worker = os.environ.get("DASK_WORKER_NAME", "")
+    from .cluster import process_peak_rss_mb
+
+    job = next((os.environ[k] for k in ("SLURM_JOB_ID", "PBS_JOBID", "JOB_ID") if os.environ.get(k)), "")
+    # peak memory of this process so far (what sizes a worker: [cluster] memory / cores)
+    return {"worker": worker, "batch_job": job, "process_peak_rss_mb": process_peak_rss_mb()}
+
+
+def _resume_point(store: Path, member: Member) -> int | None:
+    """The step of the most advanced complete checkpoint (past step 0) of an interrupted run of
+    ``member`` in ``store``, else None (nothing there, another run, or nothing to gain)."""
+    import zarr
+
+    from .md.output import CHECKPOINTS
+
+    try:
+        root = zarr.open_group(store, mode="r", use_consolidated=False)
+        if root.attrs.get("ensemble_member") != json.dumps(asdict(member)):
+            return None
+        steps = [int(root[name].attrs["step"]) for name in CHECKPOINTS
+                 if name in root and root[name].attrs.get("complete")]
+    except Exception:  # nothing readable there (died while creating it): start afresh
+        return None
+    return max(steps) if steps and max(steps) > 0 else None
+
+
+def _finished_store(store: Path, member: Member) -> str | None:
+    """The status of ``store`` if it holds a finished run of ``member`` (complete or failed)."""
+    import zarr
+
+    try:
+        attrs = zarr.open_group(store, mode="r").attrs
+    except Exception:
+        return None
+    status = str(attrs.get("status", ""))
+    if attrs.get("ensemble_member") == json.dumps(asdict(member)) and (status == "complete" or
+                                                                        status.startswith("failed")):
+        return status
+    return None
+
+
+def _promote(running: Path, final: Path) -> None:
+    """Rename a finished in-progress store to its final name (an older store there is replaced)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(running, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(running, final)
+
+
+def _run_member(member: Member, out: Path, window_fs: float, checkpoint_every: int) -> dict:
     from .analysis import analyze, write_stats
-    from .io.store import atomic_output, atomic_write_text, open_trajectory
+    from .io.store import atomic_write_text, open_trajectory
     from .md import initial_state, simulate
+    from .md.output import ResumeError
     from .md.simulate import SimulationError
     from .model import load_model
 
     paths = _paths(Path(out), member)
     paths["store"].parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = load_model(member.model_path)
-    action = None
-    if member.action:
-        from .md.action import load_action
-
-        action = load_action(member.action)
     init = initial_state(member.init_store, frame=member.init_frame, temperature_K=member.temperature_K,
                          seed=member.seed, tile_n=member.tile)
-    error = None
-    # the store appears under its name only when the run has ended; a rerun of the same
-    # (deterministic) member replaces an earlier attempt's store
-    with atomic_output(paths["store"], overwrite=True) as tmp:
+    error, steps_done, atom_steps, resumed = None, None, None, None
+    status = _finished_store(paths["store"], member)      # simulated before, but died before its summary
+    if status is None:
+        model = load_model(member.model_path)
+        action = None
+        if member.action:
+            from .md.action import load_action
+
+            action = load_action(member.action)
+        running = paths["running"]
+        resumed = _resume_point(running, member)
+        if resumed is not None:
+            import zarr
+
+            root = zarr.open_group(running, mode="r+")
+            root.attrs["resumed_from_steps"] = list(root.attrs.get("resumed_from_steps", [])) + [resumed]
+        def run(resume: bool):
+            return simulate(model, init, steps=member.steps, dt_fs=member.dt_fs,
+                            temperature_K=member.temperature_K if member.thermostat == "nose-hoover" else None,
+                            stride=member.stride, tau_fs=member.tau_fs,
+                            max_force_ev_per_angstrom=member.max_force_ev_per_angstrom, out=running,
+                            write_forces=member.write_forces, checkpoint_every=checkpoint_every,
+                            resume=resume, overwrite=True,
+                            run_attrs={"ensemble_member": json.dumps(asdict(member))},
+                            integrator=member.integrator, action=action)
+
         try:
-            sim = simulate(model, init, steps=member.steps, dt_fs=member.dt_fs,
-                           temperature_K=member.temperature_K if member.thermostat == "nose-hoover" else None,
-                           stride=member.stride, tau_fs=member.tau_fs,
-                           max_force_ev_per_angstrom=member.max_force_ev_per_angstrom, out=tmp,
-                           write_forces=member.write_forces, checkpoint_every=max(member.steps, 1000),
-                           run_attrs={"ensemble_member": json.dumps(asdict(member))},
-                           integrator=member.integrator, action=action)
+            try:
+                sim = run(resume=resumed is not None)
+            except ResumeError:      # left by another version of the package: start the member afresh
+                resumed = None
+                sim = run(resume=False)
             status, steps_done, atom_steps = "complete", sim.steps_done, sim.atom_steps_per_s
         except SimulationError as exc:       # the model blew up: keep what was written, status failed
-            status, error, steps_done, atom_steps = "failed", str(exc), None, None
+            status, error = "failed", str(exc)
+        _promote(running, paths["store"])
+    elif status != "complete":
+        status, error = "failed", status.removeprefix("failed: ")
+    if status == "complete" and steps_done is None:
+        steps_done = member.steps
     sim_s = time.perf_counter() - t0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stats = analyze(open_trajectory(paths["store"]), window_fs=window_fs, source=str(paths["store"]))
         write_stats(stats, paths["stats"], overwrite=True)
     summary = {"member": asdict(member), "id": member.id, "status": status, "error": error,
-               "steps_done": steps_done, "atoms": int(init.positions.shape[0]), "simulate_s": sim_s,
-               "analyze_s": time.perf_counter() - t0 - sim_s, "seconds": time.perf_counter() - t0,
-               "atom_steps_per_s": atom_steps, "warnings": sorted({str(w.message) for w in caught}),
-               "worker": os.environ.get("DASK_WORKER_NAME", ""), "ensemble_version": __version__}
+               "steps_done": steps_done, "resumed_from_step": resumed, "atoms": int(init.positions.shape[0]),
+               "simulate_s": sim_s, "analyze_s": time.perf_counter() - t0 - sim_s,
+               "seconds": time.perf_counter() - t0, "atom_steps_per_s": atom_steps,
+               "warnings": sorted({str(w.message) for w in caught}),
+               **_where_running(), "ensemble_version": __version__}
     atomic_write_text(paths["summary"], json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -379,7 +512,11 @@ def run_ensemble(ens: Ensemble, out: str | Path, client, *, retry_failed: bool =
             todo.append(m)
     prog = Progress(total=len(ens.members), skipped=len(results))
     report(prog.line(0))
-    futures = {client.submit(run_member, m, str(out), ens.window_fs, key=m.key, pure=False): m for m in todo}
+    interrupted = [m for m in todo if _resume_point(_paths(out, m)["running"], m) is not None]
+    if interrupted:
+        report(f"{len(interrupted)} interrupted member(s) continue from their last checkpoint")
+    futures = {client.submit(run_member, m, str(out), ens.window_fs, ens.checkpoint_every, key=m.key, pure=False): m
+               for m in todo}
     last = 0.0
     for fut in as_completed(list(futures)):
         m = futures[fut]
@@ -388,6 +525,8 @@ def run_ensemble(ens: Ensemble, out: str | Path, client, *, retry_failed: bool =
         except Exception as exc:  # the task raised: record it, go on with the others
             res = {"member": asdict(m), "id": m.id, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
         results[m.id] = res
+        if res.get("resumed_from_step"):
+            report(f"member {m.id} continued from its checkpoint at step {res['resumed_from_step']}")
         if res["status"] == "complete":
             prog.done += 1
         else:
@@ -401,6 +540,9 @@ def run_ensemble(ens: Ensemble, out: str | Path, client, *, retry_failed: bool =
         f.release()
     for p in (out / "members").glob(".*.partial-*"):      # left by workers that died mid-member
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for m in ens.members:                                  # every task has ended: nobody holds a lock
+        if results[m.id]["status"] != "error":
+            _paths(out, m)["lock"].unlink(missing_ok=True)
     return [results[m.id] for m in ens.members]
 
 
@@ -439,11 +581,11 @@ def reference_stats(ens: Ensemble, out: str | Path):
     return open_stats(path)
 
 
-def aggregate(ens: Ensemble, out: str | Path, summaries: list[dict], *, n_blocks: int = 8) -> dict:
-    """Merge the members' statistics (those that produced any) into ``OUT/aggregate.zarr`` and
-    write the table (Markdown, JSON) and figures against the reference."""
+def aggregate(ens: Ensemble, out: str | Path, summaries: list[dict], *, n_blocks: int = 8):
+    """The members' statistics (those that produced any) merged into one Dataset with a ``member``
+    dimension, and the reference's statistics: ``(aggregate, reference)``. Data only: the
+    tables and figures are drawn by :func:`ensemble.report.report_ensemble`."""
     from .analysis import aggregate_members, open_stats
-    from .report import write_ensemble_report
 
     out = Path(out)
     stats, meta = {}, {}
@@ -459,4 +601,4 @@ def aggregate(ens: Ensemble, out: str | Path, summaries: list[dict], *, n_blocks
     ref = reference_stats(ens, out)
     agg = aggregate_members(stats, meta, reference=ref, n_blocks=n_blocks)
     agg.attrs.update(ensemble=ens.name, config=ens.source, reference=ens.reference)
-    return write_ensemble_report(agg, ref, out, summaries=summaries, title=f"Ensemble {ens.name}")
+    return agg, ref

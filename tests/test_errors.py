@@ -142,3 +142,36 @@ def test_info_json_carries_provenance(store, capsys):
     assert prov["created_by"].startswith("ensemble ") and prov["source_format"] == "cp2k-xyz"
     roles = {f["role"]: f for f in prov["source_files"]}
     assert roles["positions"]["path"].endswith("H2O-32-pos-1.xyz") and len(roles["positions"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[ensemble]\nnmae = "x"\nreference = "embedded"\n[models]\nc = "m.json"\n', "[ensemble]: unknown key 'nmae'"),
+    ('[ensemble]\nreference = "embedded"\nwindow_fs = nan\n[models]\nc = "m.json"\n', "window_fs = nan should be"),
+    ('[ensemble]\nreference = "embedded"\n[models]\nc = "m.json"\n[defaults]\ntemperature_K = inf\n',
+     "temperature_K = inf should be a finite number"),
+    ('[ensemble]\nreference = "embedded"\n[models]\nc = "m.json"\n[defaults]\nsteps = "ten"\n', "steps = 'ten' should be int"),
+    ('[ensemble]\nreference = "embedded"\n[models]\nc = 3\n', "[models]: c = 3 should be the path"),
+    ('[ensemble]\nreference = "embedded"\n[models]\nc = "m.json"\n[defaults]\ndt_fs = -1.0\n', "dt_fs must be > 0"),
+    ('[ensemble]\nreference = "embedded"\n[models]\nc = "m.json"\nmembers = 3\n', "[models]: members = 3"),
+])
+def test_bad_ensemble_configs_are_one_line_errors(tmp_path, capsys, body, message):
+    import shutil
+
+    shutil.copyfile(DATA / "models" / "conservative-c5.json", tmp_path / "m.json")
+    (tmp_path / "e.toml").write_text(body)
+    code, err = run_cli(["run", tmp_path / "e.toml", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_scheduler_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    import shutil
+
+    shutil.copyfile(DATA / "models" / "conservative-c5.json", tmp_path / "m.json")
+    (tmp_path / "e.toml").write_text('[ensemble]\nreference = "embedded"\n[models]\nc = "m.json"\n')
+    code, err = run_cli(["run", tmp_path / "e.toml", "--out", tmp_path / "out", "--scheduler", "tcp://127.0.0.1:9"],
+                        capsys)
+    assert code == 2 and "no dask scheduler answers there" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
+    code, err = run_cli(["run", tmp_path / "e.toml", "--out", tmp_path / "m.json" / "x"], capsys)
+    assert code == 2 and "lies inside the input model c" in err

@@ -224,3 +224,61 @@ tile = [1, 2]
     err = capsys.readouterr().err
     assert err.startswith("error: member agent-T300-x2-s0-") and "paper mode" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_member_continues_from_its_checkpoint_bitwise(tmp_path, ref_store):
+    """A member whose process is killed mid-run continues from its last checkpoint when it runs
+    again (not from step 0); the store never appears under its final name half-written, and the
+    trajectory equals an uninterrupted run's bit for bit."""
+    from dataclasses import asdict
+
+    import zarr
+
+    from ensemble.runner import run_member
+
+    m = Member("conservative", str(MODELS / "conservative-c5.json"), str(ref_store / "ref.zarr"), steps=1200,
+               stride=4, temperature_K=300.0, seed=3)
+    out = tmp_path / "out"
+    running = out / "members" / f".{m.id}.zarr.running"
+    code = ("import json, sys; from ensemble.runner import Member, run_member; "
+            "run_member(Member(**json.loads(sys.argv[1])), sys.argv[2], 100.0, 100)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(m)), str(out)], env=env)
+    step = 0
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                step = int(zarr.open_group(running / "checkpoint", mode="r").attrs["step"])
+            except Exception:
+                step = 0
+            if step >= 300:
+                proc.kill()
+                break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert step >= 300, "the member finished (or never checkpointed) before it could be interrupted"
+    assert running.exists() and not (out / "members" / f"{m.id}.zarr").exists()   # nothing under the final name
+
+    summary = run_member(m, str(out), 100.0, 100)
+    assert summary["status"] == "complete" and summary["steps_done"] == 1200
+    assert summary["resumed_from_step"] >= 300 and summary["resumed_from_step"] % 100 == 0
+    assert not running.exists()
+    store = out / "members" / f"{m.id}.zarr"
+    assert zarr.open_group(store, mode="r").attrs["resumed_from_steps"] == [summary["resumed_from_step"]]
+
+    serial = run_member(m, str(tmp_path / "serial"), 100.0, 1000)          # uninterrupted, other checkpoints
+    assert serial["resumed_from_step"] is None
+    a = xr.open_zarr(store, consolidated=False)
+    b = xr.open_zarr(tmp_path / "serial" / "members" / f"{m.id}.zarr", consolidated=False)
+    assert a.sizes["frame"] == b.sizes["frame"] == 301 and a.sizes["md_step"] == b.sizes["md_step"] == 1200
+    for name in ("positions", "velocities", "thermo_conserved", "step"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+
+    # a member simulated to the end whose worker died before its summary: analysed, not rerun
+    (out / "members" / f"{m.id}.json").unlink()
+    mtime = store.stat().st_mtime_ns
+    again = run_member(m, str(out), 100.0, 100)
+    assert again["status"] == "complete" and again["resumed_from_step"] is None and store.stat().st_mtime_ns == mtime
