@@ -387,7 +387,7 @@ log_directory = "{tmp_path / 'logs'}"
     assert local.returncode == 0, local.stderr
     a = json.loads((tmp_path / "slurm.json").read_text())
     b = json.loads((tmp_path / "local.json").read_text())
-    assert a["metrics"]["chosen_weight_functions"] == b["metrics"]["chosen_weight_functions"]
+    assert a["metrics"]["chosen_groups"] == b["metrics"]["chosen_groups"]
     for sp in ("H", "O"):
         va = a["metrics"]["relative_rmse"]["quadratic"][sp]["validation"]
         vb = b["metrics"]["relative_rmse"]["quadratic"][sp]["validation"]
