@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .elements import default_mass
-from .units import (AMU_A2_PER_FS2_TO_EV, BOHR_PER_AU_TIME_TO_ANGSTROM_PER_FS, CP2K_HARTREE_TO_EV)
+from . import thermo
+from .units import BOHR_PER_AU_TIME_TO_ANGSTROM_PER_FS, CP2K_HARTREE_TO_EV
 
 __all__ = ["write_synthetic_cp2k_run", "bench_ingest", "bench_action"]
 
@@ -47,12 +48,12 @@ def write_synthetic_cp2k_run(directory: str | Path, *, n_molecules: int, n_frame
             pos = pos + vel * BOHR_PER_AU_TIME_TO_ANGSTROM_PER_FS * 0.5
             t = 0.5 * f
             epot = -17.0 + 0.01 * np.sin(f)
-            ke_ev = 0.5 * AMU_A2_PER_FS2_TO_EV * np.sum(masses[:, None] * (vel * BOHR_PER_AU_TIME_TO_ANGSTROM_PER_FS) ** 2)
+            ke_ev = thermo.kinetic_energy(vel * BOHR_PER_AU_TIME_TO_ANGSTROM_PER_FS, masses)
             head = f"{natoms:8d}\n i = {f:8d}, time = {t:12.3f}, E = {epot:20.10f}\n"
             for key, arr in (("pos", pos), ("vel", vel), ("frc", frc)):
                 files[key].write(head + line % tuple(arr.ravel()))
             ke = ke_ev / CP2K_HARTREE_TO_EV
-            temp = 2 * ke_ev / ((3 * natoms - 3) * 8.617333262e-5)
+            temp = thermo.temperature(ke_ev, thermo.degrees_of_freedom(natoms))
             ener.write(f"{f:10d} {t:17.6f} {ke:20.9f} {temp:20.9f} {epot:20.9f} {epot + ke:20.9f} {0.01:20.9f}\n")
             # rounded as written, so callers can compare exactly
             snap = {k: np.round(a, 10) for k, a in (("pos", pos), ("vel", vel), ("frc", frc))}

@@ -149,61 +149,17 @@ def cmd_reference(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The whole pipeline on the embedded data: ingest, fit both kinds, an ensemble, aggregate, report."""
-    import dataclasses
-    import shutil
+    """The whole pipeline on the embedded data (:func:`ensemble.demo.run_demo`), printed."""
+    from .demo import run_demo
 
-    from .cluster import open_client
-    from .data import DEFAULT_DATA, write_default_store
-    from .fit.pipeline import fit_store, load_fit_config
-    from .io import format_summary, open_trajectory, summarize
-    from .report import write_report
-    from .runner import load_ensemble, run_ensemble
-    from .report import report_ensemble
-
-    t_start = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ref = out / "reference.zarr"
-    print(f"[1/5] embedded default data: {DEFAULT_DATA.name} ({DEFAULT_DATA.stat().st_size / 1e6:.2f} MB)")
-    info = write_default_store(ref, overwrite=True)
-    print(f"ingested it into {ref} (kinetic energy vs CP2K .ener: max relative error "
-          f"{info['kinetic_energy_check']['max_rel_error']:.1e})")
-    print(format_summary(summarize(open_trajectory(ref)), str(ref)))
-    (out / "models").mkdir(exist_ok=True)
-    config = out / "ensemble.toml"
-    shutil.copyfile(Path(__file__).parent / "data" / "demo-ensemble.toml", config)
-    ens = load_ensemble(config)
-    if args.steps:
-        ens = dataclasses.replace(ens, members=tuple(dataclasses.replace(m, steps=args.steps) for m in ens.members))
     spec = _cluster(args, None, "ensemble demo")
-    with open_client(spec=spec) as client:
-        for label, overrides in (("agent-paper", {"kind": "agent"}),
-                                 ("manybody", {"kind": "conservative", "angular": "default"})):
-            t0 = time.perf_counter()
-            cfg = load_fit_config(None, frame_stride=args.fit_stride, chunk_frames=10, **overrides)
-            rep = fit_store(ref, cfg, progress=lambda m: None)
-            rep.model.save(out / "models" / f"{label}.json")
-            val = {s: round(v["validation"], 3) for s, v in rep.model.metrics["relative_rmse"]["quadratic"].items()}
-            print(f"[2/5] fitted {label} (every {args.fit_stride}th frame) in {time.perf_counter() - t0:.0f} s: "
-                  f"validation relative RMSE of the {'forces' if cfg.kind == 'conservative' else 'accelerations'} {val}")
-        print(f"[3/5] ensemble: {len(ens.members)} members ({config})")
-        summaries = run_ensemble(ens, out, client)
-    print("[4/5] aggregating across members")
-    doc = report_ensemble(ens, out, summaries)
+    res = run_demo(out, fit_stride=args.fit_stride, steps=args.steps, cluster_spec=spec, progress=print)
     print((out / "summary.md").read_text())
-    # the report: the reference vs one member of each model (tile 1, first seed, nearest 300 K)
-    chosen = {}
-    for m, s in zip(ens.members, summaries):
-        if m.tile == 1 and s["status"] in ("complete", "failed"):
-            best = chosen.get(m.model)
-            if best is None or (abs(m.temperature_K - 300), m.seed) < (abs(best.temperature_K - 300), best.seed):
-                chosen[m.model] = m
-    stores = [out / "members" / f"{m.id}.stats.zarr" for m in chosen.values()]
-    write_report(out / "reference.stats.zarr", stores, out / "report", overwrite=True)
-    print(f"[5/5] report of the reference vs {', '.join(m.id for m in chosen.values())}: {out / 'report'}")
+    print(f"[5/5] report of the reference ({res.reference_temperature_K:.0f} K) vs {', '.join(res.report_labels)} "
+          f"({', '.join(m.id for m in res.compared)}): {out / 'report'}")
     print((out / "report" / "scorecard.md").read_text().split("\n\nFigures")[0])
-    print(f"demo finished in {time.perf_counter() - t_start:.0f} s: {_outcome(summaries, doc)}; "
+    print(f"demo finished in {res.seconds:.0f} s: {_outcome(res.summaries, res.summary)}; "
           f"see {out / 'summary.md'}, {out / 'figures'}, {out / 'report'}")
     return 0
 
@@ -308,6 +264,9 @@ def cmd_simulate(args) -> int:
     from .md import initial_state, simulate
     from .model import load_model
 
+    # the run store never is, contains or lies inside an input (--init X.zarr:10 --out X.zarr --overwrite)
+    refuse_aliasing({"--out": args.out}, {"--init": str(args.init).partition(":")[0], "--model": args.model,
+                                          "--action": args.action})
     model = load_model(args.model)
     action = None
     if args.action:
@@ -420,7 +379,7 @@ def cmd_report(args) -> int:
     refuse_aliasing({"--out": args.out}, {label: split_frame_range(spec)[0] for label, spec in
                                           [("REFERENCE", args.reference)] + [(f"MODEL {m}", m) for m in args.models]})
     cards = write_report(args.reference, args.models, args.out, overwrite=args.overwrite, n_blocks=args.blocks,
-                         window_fs=args.window_fs, pad=args.pad)
+                         window_fs=args.window_fs, pad=args.pad, labels=args.label)
     print((Path(args.out) / "scorecard.md").read_text())
     print(f"wrote {args.out}/scorecard.json, scorecard.md and figures; {len(cards)} model(s) compared")
     return 0
@@ -643,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--blocks", type=int, default=8, help="time blocks for the standard errors (default 8)")
     s.add_argument("--window-fs", type=float, default=100.0, help="spectrum window for trajectory inputs, fs")
     s.add_argument("--pad", type=int, default=4, help="zero padding of spectrum windows for trajectory inputs")
+    s.add_argument("--label", action="append", default=None,
+                   help="name of a model in the scorecard and legends, once per model store in order "
+                        "(default: the store names)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_report)
 

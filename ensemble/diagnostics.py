@@ -23,11 +23,11 @@ import xarray as xr
 
 from .analysis import analyze, block_average, rdf_area, run_scalars, stability
 from .io.store import open_trajectory
-from .units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K
+from . import thermo
+from .units import SPEED_OF_LIGHT_CM_PER_FS
 
-__all__ = ["run_diagnostics", "compare_runs", "vdos_upto", "format_comparison", "SPEED_OF_LIGHT_CM_PER_FS"]
+__all__ = ["run_diagnostics", "compare_runs", "vdos_upto", "format_comparison"]
 
-SPEED_OF_LIGHT_CM_PER_FS = 2.99792458e-5
 #: cm^-1 bands whose VDOS peaks are compared, cut at the Nyquist frequency (the stretch band is wide:
 #: a long step may move it far down)
 BANDS = {"libration": (300.0, 1100.0), "bend": (1300.0, 1900.0), "stretch": (2000.0, 4500.0)}
@@ -70,10 +70,13 @@ def run_diagnostics(store, n_blocks: int = 8) -> dict:
         if name.startswith("thermo_temperature_"):
             temps[name.removeprefix("thermo_temperature_")] = block_average(ds[name].values, n_blocks)
     if not temps and "velocities" in ds:
-        ke = 0.5 * AMU_A2_PER_FS2_TO_EV * ds["masses"] * (ds["velocities"] ** 2).sum("xyz")
+        ke = xr.apply_ufunc(thermo.atom_kinetic_energy, ds["velocities"], ds["masses"],
+                            input_core_dims=[["atom", "xyz"], ["atom"]], output_core_dims=[["atom"]],
+                            dask="parallelized", output_dtypes=[float])
         for s in sorted(set(str(x) for x in ds["species"].values)):
             sel = np.array([str(x) == s for x in ds["species"].values])
-            temps[s] = block_average((ke.isel(atom=np.flatnonzero(sel)).mean("atom") / (1.5 * BOLTZMANN_EV_K)).values,
+            # per atom 3 degrees of freedom: T = 2 <KE_atom> / (3 k_B)
+            temps[s] = block_average(thermo.temperature(ke.isel(atom=np.flatnonzero(sel)).mean("atom").values, 3),
                                      n_blocks)
     out["temperature_species_K"] = {k: {"mean": v[0], "stderr": v[1]} for k, v in temps.items()}
     if "thermo_temperature" in ds:

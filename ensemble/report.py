@@ -358,10 +358,12 @@ def _labels(paths: list[Path]) -> list[str]:
 
 
 def write_report(reference: str | Path, models: list[str | Path], out: str | Path, *, overwrite: bool = False,
-                 n_blocks: int = 8, window_fs: float = 100.0, pad: int = 4) -> dict:
+                 n_blocks: int = 8, window_fs: float = 100.0, pad: int = 4,
+                 labels: list[str] | None = None) -> dict:
     """Analyse (or read) the stores (each ``STORE[:START:STOP]``), compare each model with the
     reference, and write ``scorecard.json``, ``scorecard.md`` and the PNG figures into ``out``
-    (atomically). Returns the scorecards by model label."""
+    (atomically). Returns the scorecards by model label: ``labels`` (one per store, distinct) or,
+    by default, the store names."""
     from .io.store import atomic_output
     if not models:
         raise ReportError("give at least one model store to compare with the reference")
@@ -370,8 +372,13 @@ def write_report(reference: str | Path, models: list[str | Path], out: str | Pat
     out = Path(out)
     if out.exists() and not overwrite:
         raise ReportError(f"{out} already exists; choose another --out or pass --overwrite")
+    if labels is None:
+        labels = _labels(models)
+    elif len(labels) != len(models) or len(set(labels)) != len(labels) or "reference" in labels:
+        raise ReportError(f"labels {labels!r}: expected {len(models)} distinct labels (one per model store), "
+                          "none of them 'reference'")
     ref = load_stats(reference, window_fs=window_fs, pad=pad)
-    stats = {label: load_stats(p, window_fs=window_fs, pad=pad) for label, p in zip(_labels(models), models)}
+    stats = {label: load_stats(p, window_fs=window_fs, pad=pad) for label, p in zip(labels, models)}
     cards = {label: compare(ref, s, n_blocks=n_blocks) for label, s in stats.items()}
     with atomic_output(out, overwrite=overwrite) as tmp:
         tmp.mkdir()

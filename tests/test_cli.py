@@ -46,12 +46,15 @@ def _check_demo_outputs(out, stdout, members):
     doc = json.loads((out / "summary.json").read_text())
     assert len(doc["members"]) == members
     groups = {(g["model"], g["temperature_K"], g["tile"]): g for g in doc["groups"]}
-    assert set(groups) == {("manybody", 280.0, 1), ("manybody", 280.0, 2), ("manybody", 320.0, 1),
+    assert set(groups) == {("manybody", 296.0, 1), ("manybody", 296.0, 2), ("manybody", 320.0, 1),
                            ("manybody", 320.0, 2), ("agent", 300.0, 1)}
-    cons = groups[("manybody", 280.0, 2)]
+    cons = groups[("manybody", 296.0, 2)]
     assert cons["members"] == 2 and 1.0 < cons["oh_bond_mean"] < 1.07 and cons["temperature_err"] is not None
     scorecard = json.loads((out / "report" / "scorecard.json").read_text())
     assert len(scorecard["models"]) == 2 and "stability" in next(iter(scorecard["models"].values()))
+    # like with like: the members at the reference's own temperature (296 K), named by what they are
+    assert list(scorecard["models"]) == ["manybody 296 K x1 seed 1", "agent 300 K x1 seed 1"]
+    assert "report of the reference (296 K) vs manybody 296 K x1 seed 1, agent 300 K x1 seed 1" in stdout
     for f in ("figures/ensemble_temperature.png", "figures/ensemble_figures.png", "report/fig6_oh_spectrum.png"):
         assert (out / f).stat().st_size > 10_000, f
     assert (out / "aggregate.zarr").is_dir() and (out / "models" / "manybody.json").is_file()

@@ -83,6 +83,9 @@ def test_a_damaged_store_is_an_error_in_every_command_never_fill_values(store, t
     assert not out.exists() or leftovers(out) == []
 
 
+SIM = ["simulate", "--model", str(DATA / "models" / "conservative-c5.json"), "--init", "{store}:2", "--steps", "3", "--out", "{tmp}/a.zarr"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["analyze", "{store}", "--out", "{tmp}/a.zarr", "--rdf-bin", "0"], "rdf_bin must be a finite number > 0, got 0.0"),
     (["analyze", "{store}", "--out", "{tmp}/a.zarr", "--window-fs", "nan"], "window_fs must be a finite number > 0"),
@@ -93,6 +96,17 @@ def test_a_damaged_store_is_an_error_in_every_command_never_fill_values(store, t
     (["analyze", "{tmp}/nothing.zarr", "--out", "{tmp}/a.zarr"], "nothing.zarr: no such store"),
     (["report", "{store}", "{store}", "--out", "{tmp}/rep", "--blocks", "1"], "--blocks must be an integer >= 2"),
     (["report", "{store}", str(DATA / "models"), "--out", "{tmp}/rep"], "not a readable zarr v3 store"),
+    (SIM + ["--temperature-K", "300", "--seed", "1", "--init-temperature-K", "-5"],
+     "--init-temperature-K must be a finite temperature >= 0 K, got -5.0"),
+    (SIM + ["--temperature-K", "300", "--seed", "-3"], "--seed must be an integer >= 0, got -3"),
+    (SIM + ["--temperature-K", "300", "--max-force", "-1"], "max_force_ev_per_angstrom must be a finite number > 0"),
+    (SIM + ["--temperature-K", "300", "--stride", "0"], "stride must be an integer >= 1, got 0"),
+    (SIM + ["--temperature-K", "300", "--tile", "0"], "tile must be an integer >= 1, got 0"),
+    (SIM + ["--temperature-K", "300", "--checkpoint-every", "0"], "checkpoint_every must be an integer >= 1"),
+    (SIM + ["--temperature-K", "300", "--dt-fs", "nan"], "dt_fs must be a finite number > 0, got nan"),
+    (SIM + ["--temperature-K", "inf"], "temperature_K must be a finite number > 0, got inf"),
+    (SIM + ["--temperature-K", "300", "--tau-fs", "0"], "tau_fs must be a finite number > 0"),
+    (SIM, "give --temperature-K for NVT"),
 ])
 def test_bad_option_values_are_one_line_errors(store, tmp_path, capsys, args, message):
     before = tree_hash(store)
@@ -113,7 +127,9 @@ def test_outputs_never_alias_inputs(store, tmp_path, capsys):
 
     run = tmp_path / "run"
     shutil.copytree(DATA / "dft-h2o32", run)
-    before = {p.name: tree_hash(p) for p in [store, run]}
+    model = tmp_path / "model.json"
+    shutil.copyfile(DATA / "models" / "conservative-c5.json", model)
+    before = {p.name: tree_hash(p) for p in [store, run, model]}
     cell = ["--cell", "9.8528", "9.8528", "9.8528"]
     cases = [
         (["analyze", store, "--out", store, "--overwrite"], "is the input STORE"),
@@ -123,11 +139,17 @@ def test_outputs_never_alias_inputs(store, tmp_path, capsys):
         (["ingest", run, "--out", run / "H2O-32-pos-1.xyz", "--overwrite", *cell], "is the input SOURCE file"),
         (["ingest", run / "H2O-32", "--out", run / "H2O-32-1.ener", "--overwrite", *cell], "is the input SOURCE file"),
         (["ingest", run, "--out", run, "--overwrite", *cell], "is the input SOURCE"),
+        (["simulate", "--model", model, "--init", f"{store}:2", "--out", store, "--overwrite", "--steps", "2",
+          "--temperature-K", "300"], "is the input --init"),
+        (["simulate", "--model", model, "--init", f"{store}:2", "--out", store / "sim.zarr", "--overwrite",
+          "--steps", "2", "--temperature-K", "300"], "lies inside the input --init"),
+        (["simulate", "--model", model, "--init", f"{store}:2", "--out", model, "--overwrite", "--steps", "2",
+          "--temperature-K", "300"], "is the input --model"),
     ]
     for args, message in cases:
         code, err = run_cli(args, capsys)
         assert code == 2 and message in err and "writing it would destroy the input" in err, (args, err)
-    assert before == {p.name: tree_hash(p) for p in [store, run]}
+    assert before == {p.name: tree_hash(p) for p in [store, run, model]}
     # writing a new store inside a run directory is fine: the directory is a container of inputs
     assert run_cli(["ingest", run, "--out", run / "new.zarr", *cell], capsys)[0] == 0
     assert leftovers(run) == [] and leftovers(store.parent) == []

@@ -79,6 +79,14 @@ def test_analyze_and_report_from_the_command_line(tmp_path, capsys):
     assert main(["report", f"{store}:0:400", f"{store}:400:800", "--out", str(tmp_path / "rep2")]) == 0
     doc2 = json.loads((tmp_path / "rep2" / "scorecard.json").read_text())
     assert list(doc2["models"]) == ["ref[400:800]"]
+    # names for the scorecard and legends instead of store names; one per model, distinct
+    assert main(["report", str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), "--label", "second half",
+                 "--out", str(tmp_path / "rep3")]) == 0
+    assert list(json.loads((tmp_path / "rep3" / "scorecard.json").read_text())["models"]) == ["second half"]
+    assert "## second half" in (tmp_path / "rep3" / "scorecard.md").read_text()
+    assert main(["report", str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), "--label", "x", "--label", "y",
+                 "--out", str(tmp_path / "rep4")]) == 2
+    assert "expected 1 distinct labels" in capsys.readouterr().err and not (tmp_path / "rep4").exists()
     via_stats = {r["key"]: r for r in json.loads((tmp_path / "rep" / "scorecard.json").read_text())["models"]["b"]["rows"]}
     for r in doc2["models"]["ref[400:800]"]["rows"]:
         assert r["difference"] == pytest.approx(via_stats[r["key"]]["difference"], rel=1e-9, abs=1e-12), r["key"]

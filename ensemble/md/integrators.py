@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import thermo
 from ..units import AMU_A2_PER_FS2_TO_EV, BOLTZMANN_EV_K, EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["MDState", "ChainState", "kinetic_energy", "temperature", "clip_forces", "remove_com_velocity",
@@ -66,14 +67,14 @@ class MDState:
 
 # --------------------------------------------------------------------------- small physics
 def kinetic_energy(velocities: np.ndarray, masses: np.ndarray) -> float:
-    """eV."""
-    return 0.5 * AMU_A2_PER_FS2_TO_EV * float(np.sum(masses[:, None] * velocities**2))
+    """Kinetic energy, eV, of velocities (N, 3) Å/fs and masses (N,) amu (:func:`ensemble.thermo.kinetic_energy`)."""
+    return float(thermo.kinetic_energy(velocities, masses))
 
 
 def temperature(velocities: np.ndarray, masses: np.ndarray, dof: int | None = None) -> float:
-    """K, with ``dof`` degrees of freedom (default 3N - 3)."""
-    dof = 3 * len(masses) - 3 if dof is None else dof
-    return 2.0 * kinetic_energy(velocities, masses) / (dof * BOLTZMANN_EV_K)
+    """K, with ``dof`` degrees of freedom (default 3N - 3, the centre of mass fixed)."""
+    dof = thermo.degrees_of_freedom(len(masses)) if dof is None else dof
+    return float(thermo.temperature(kinetic_energy(velocities, masses), dof))
 
 
 def clip_forces(forces: np.ndarray, max_force_ev_per_angstrom: float | None) -> tuple[np.ndarray, int]:

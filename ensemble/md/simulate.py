@@ -22,6 +22,7 @@ Output store (the trajectory schema, plus per-step thermo; written by :mod:`ense
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -85,6 +86,11 @@ def initial_state(init: str, *, frame: int | None = None, temperature_K: float |
     ``tile_n`` times per axis; with ``temperature_K`` and ``seed`` the velocities of the whole
     box are redrawn from Maxwell-Boltzmann instead."""
     path, _, fr = str(init).partition(":")
+    if temperature_K is not None and not (isinstance(temperature_K, (int, float)) and math.isfinite(temperature_K)
+                                          and temperature_K >= 0):
+        raise SettingsError(f"--init-temperature-K must be a finite temperature >= 0 K, got {temperature_K!r}")
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
+        raise SettingsError(f"--seed must be an integer >= 0, got {seed!r}")
     if fr and frame is None:
         try:
             frame = int(fr)
