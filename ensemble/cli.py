@@ -1,6 +1,10 @@
-"""Command line: ``ensemble ingest | info | demo | reference | export | bench``.
+"""Command line, in the order of the flow: ``ensemble ingest | info | export | reference | fit |
+fit-action | simulate | compare-dynamics | analyze | report | run | demo | bench``.
 
-Configuration is read here, at the edge, and passed on as plain arguments.
+Configuration (TOML files, options) is read here, at the edge, checked, and passed on as plain
+arguments; every user-facing error (:class:`ensemble.errors.UserError`) is caught once in
+:func:`main` and printed as one line (exit 2; 3 when the dynamics of a run failed). ``ensemble
+demo`` is :func:`ensemble.demo.run_demo`; ``python -m ensemble`` is the same program.
 """
 
 from __future__ import annotations
