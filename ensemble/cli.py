@@ -47,7 +47,7 @@ def _progress(label: str, elapsed: bool = False):
         last[0] = now
         end = "\n" if done >= total or not tty else ""
         took = f" ({now - start:.1f} s)" if elapsed else ""
-        sys.stderr.write(f"\r{label}: {done}/{total} frames{took}{end}")
+        sys.stderr.write(f"{chr(13) if tty else ''}{label}: {done}/{total} frames{took}{end}")   # \r on a tty
         sys.stderr.flush()
 
     return report
