@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DynamicsError, UsageError, UserError
-from .files import refuse_aliasing
+from .files import refuse_aliasing, refuse_existing
 
 
 
@@ -39,9 +39,10 @@ def _parse_masses(text: str | None) -> dict[str, float] | None:
     return out
 
 
-def _progress(label: str):
+def _progress(label: str, elapsed: bool = False):
     last = [0.0]
     tty = sys.stderr.isatty()
+    start = time.monotonic()
 
     def report(done: int, total: int) -> None:
         now = time.monotonic()
@@ -49,7 +50,8 @@ def _progress(label: str):
             return
         last[0] = now
         end = "\n" if done >= total or not tty else ""
-        sys.stderr.write(f"\r{label}: {done}/{total} frames{end}")
+        took = f" ({now - start:.1f} s)" if elapsed else ""
+        sys.stderr.write(f"{chr(13) if tty else ''}{label}: {done}/{total} frames{took}{end}")   # \r on a tty
         sys.stderr.flush()
 
     return report
@@ -187,12 +189,19 @@ def cmd_fit(args) -> int:
         cfg = load_fit_config(args.config, **overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    from .fit.pipeline import fit_stores
-    from .io import open_trajectory
+    from .fit.pipeline import fit_stores, open_fit_stores
 
-    for store in [*args.store, *args.validation, *args.test]:
-        open_trajectory(store)            # a clear error before any cluster starts
     out = Path(args.out or f"model-{cfg.kind}.json")
+    png = out.with_name(out.stem + "-selection.png")
+    inputs = {"--config": args.config}
+    for label, paths in (("STORE", args.store), ("--validation", args.validation), ("--test", args.test)):
+        inputs.update({label if len(paths) == 1 else f"{label} {i + 1}": p for i, p in enumerate(paths)})
+    refuse_aliasing({"--out": out, "the selection plot": png}, inputs)
+    refuse_existing([out, png], args.overwrite)
+    try:
+        open_fit_stores(args.store, cfg, validation=args.validation, test=args.test)  # before any cluster starts
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     table = None
     if args.config:
         from .configfile import read_toml
@@ -203,11 +212,12 @@ def cmd_fit(args) -> int:
     with open_client(spec=spec):
         try:
             report = fit_stores(args.store, cfg, validation=args.validation, test=args.test,
-                                progress=lambda m: print(m, file=sys.stderr))
+                                progress=lambda m: print(m, file=sys.stderr),
+                                frame_progress=_progress("Gram reduction", elapsed=True))
         except ValueError as exc:     # stores that do not fit together or with the settings
             raise UsageError(str(exc)) from None
-    report.model.save(out)
-    png = plot_selection(report, out.with_name(out.stem + "-selection.png"))
+    report.model.save(out)            # atomically, after every check
+    png = plot_selection(report, png)
     print(format_table(report, cfg.kind))
     print(f"wrote {out} and {png}")
     return 0
@@ -512,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "many-body: configs/fit-manybody.toml)")
     s.add_argument("--kind", choices=["agent", "conservative"])
     s.add_argument("--out", help="model JSON to write (default model-KIND.json)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out model (and its selection plot)")
     s.add_argument("--cutoff", type=float, help="cutoff mode with this cutoff, Å (default: paper mode)")
     s.add_argument("--angular", action="store_true", help="add the default angular (three-body) invariants")
     s.add_argument("--quadratic", choices=["none", "pair", "pair+radial", "all"],

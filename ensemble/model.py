@@ -18,11 +18,17 @@ Either kind may carry a :class:`ensemble.prior.ShortRangePrior`: a fixed pair re
 shortest training distances, added to the energy and forces (both kinds: it is a pair sum).
 
 Model files (JSON, strict: no NaN / Infinity) have format ``ensemble.model/2``; files of format
-``ensemble.model/1`` (pair invariants only, dense B) are read as well.
+``ensemble.model/1`` (pair invariants only, dense B) are read as well. Every field is checked on
+reading (types, shapes, finite and sane magnitudes): a malformed file is a :class:`ModelError`
+naming the file and the field. Saved models carry a ``digest``: a sha256 over everything that
+determines the dynamics (kind, species, masses, weight functions, angular basis, cutoff, prior,
+coefficients), verified on reading, so a model whose ``kind`` or a coefficient was edited by hand
+is refused. Files without a digest (written before it existed) are read as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -40,11 +46,24 @@ from .prior import ShortRangePrior, prior_energy_forces
 from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 from .errors import UserError
 
-__all__ = ["Model", "ModelError", "load_model", "conservative_forces", "finite_json"]
+__all__ = ["Model", "ModelError", "load_model", "conservative_forces", "finite_json", "MAX_COEFFICIENT_EV",
+           "DIGEST_SCHEME"]
 
 KINDS = ("agent", "conservative")
 FORMAT = "ensemble.model/2"
 FORMAT_V1 = "ensemble.model/1"
+
+#: the canonical form the model digest is computed over (see :meth:`Model.content_digest`)
+DIGEST_SCHEME = "ensemble.model-content/1"
+
+#: largest |coefficient| (eV) a model file may hold. Fitted coefficients are ~1e1-1e4 eV (the
+#: standardized ridge keeps them there, see :func:`ensemble.fit.gram.solve_ridge`); 1e12 eV is far
+#: beyond any fit and still leaves forces finite for a step, so a run stops with a clear error
+MAX_COEFFICIENT_EV = 1e12
+
+#: what the digest covers (written next to it, for a reader of the file)
+DIGEST_COVERS = ("kind, species, masses_amu, weight_functions, angular_basis, neighbour_mode, cutoff_angstrom, "
+                 "cutoff_width_angstrom, prior, coefficients")
 
 
 def finite_json(obj):
@@ -417,17 +436,34 @@ class Model:
             "provenance": finite_json({**self.provenance, "ensemble_version": __version__}),
         }
 
+    def content_digest(self) -> str:
+        """sha256 (hex) over a canonical JSON of everything that determines the dynamics: kind, species,
+        masses, weight functions, angular basis, neighbour mode, cutoff and width, prior and
+        coefficients (not metrics or provenance). Scheme :data:`DIGEST_SCHEME`."""
+        d = self.to_json()
+        content = {"scheme": DIGEST_SCHEME, **{k: d[k] for k in _DIGEST_FIELDS}}
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def save(self, path: str | Path) -> Path:
-        """Write as strict JSON (no NaN / Infinity), atomically (temporary file, then rename)."""
+        """Write as strict JSON (no NaN / Infinity) with its :meth:`content_digest`, atomically
+        (temporary file, then rename)."""
+        from .io.store import atomic_write_text
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
-        tmp.replace(path)
-        return path
+        d = self.to_json()
+        d["digest"] = {"sha256": self.content_digest(), "scheme": DIGEST_SCHEME, "covers": DIGEST_COVERS}
+        return atomic_write_text(path, json.dumps(d, indent=1, allow_nan=False))
 
     @classmethod
     def from_json(cls, d: dict, source: str = "<model>") -> "Model":
+        """A model from its JSON form; every field is checked (a :class:`ModelError` names the file
+        and the field), and a ``digest``, if present, must match the content."""
+        if not isinstance(d, dict):
+            raise ModelError(f"{source}: expected a JSON object (a model file from `ensemble fit`), got "
+                             f"{_json_type(d)}")
+
         def need(key):
             if key not in d:
                 raise ModelError(f"{source}: missing field {key!r}")
@@ -436,70 +472,194 @@ class Model:
         fmt = need("format")
         if fmt not in (FORMAT, FORMAT_V1):
             raise ModelError(f"{source}: format {fmt!r}; expected {FORMAT!r} (or {FORMAT_V1!r})")
-        species = tuple(str(s) for s in need("species"))
+        kind = need("kind")
+        if kind not in KINDS:
+            raise ModelError(f"{source}: model kind {kind!r} (field 'kind'); expected one of {KINDS}")
+        species_raw = need("species")
+        if (not isinstance(species_raw, list) or not species_raw
+                or not all(isinstance(s, str) and s for s in species_raw)):
+            raise ModelError(f"{source}: field 'species' must be a non-empty list of element names, got "
+                             f"{species_raw!r:.80}")
+        if len(set(species_raw)) != len(species_raw):
+            raise ModelError(f"{source}: field 'species' lists a species twice: {species_raw}")
+        species = tuple(species_raw)
         masses = need("masses_amu")
+        if not isinstance(masses, dict):
+            raise ModelError(f"{source}: field 'masses_amu' must be an object {{species: mass in amu}}, got "
+                             f"{_json_type(masses)}")
+        for s in species:
+            if s not in masses:
+                raise ModelError(f"{source}: field 'masses_amu' has no mass for species {s!r}")
+            _number(masses[s], f"{source}: masses_amu[{s!r}]", positive=True)
         coefs = need("coefficients")
+        if not isinstance(coefs, dict):
+            raise ModelError(f"{source}: field 'coefficients' must be an object {{species: {{'A': [...], ...}}}}, "
+                             f"got {_json_type(coefs)}")
+        for s in species:
+            if not isinstance(coefs.get(s), dict):
+                raise ModelError(f"{source}: coefficients[{s!r}] must be an object {{'A': [...], ...}}, got "
+                                 f"{_json_type(coefs.get(s)) if s in coefs else 'nothing (missing)'}")
+        wf = need("weight_functions")
         try:
-            weights = WeightSet.from_json(need("weight_functions"))
-        except ValueError as exc:
-            raise ModelError(f"{source}: {exc}") from None
+            weights = WeightSet.from_json(wf)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ModelError(f"{source}: field 'weight_functions': {exc}") from None
+        if not len(weights):
+            raise ModelError(f"{source}: field 'weight_functions' is empty; a model needs at least one")
         angular = prior = None
         if fmt == FORMAT:
-            try:
-                if d.get("angular_basis") is not None:
-                    angular = AngularBasis.from_json(d["angular_basis"])
-                if d.get("prior") is not None:
-                    prior = ShortRangePrior.from_json(d["prior"], species)
-            except ValueError as exc:
-                raise ModelError(f"{source}: {exc}") from None
-        for s in species:
-            if s not in masses or s not in coefs:
-                raise ModelError(f"{source}: species {s!r} has no mass or no coefficients")
+            for key, build in (("angular_basis", lambda v: AngularBasis.from_json(v)),
+                               ("prior", lambda v: ShortRangePrior.from_json(v, species))):
+                if d.get(key) is None:
+                    continue
+                try:
+                    obj = build(d[key])
+                except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                    raise ModelError(f"{source}: field {key!r} is malformed ({type(exc).__name__}: {exc})") from None
+                if key == "angular_basis":
+                    angular = obj
+                else:
+                    prior = obj
         mode = need("neighbour_mode")
         cutoff = d.get("cutoff_angstrom")
         if mode not in ("paper", "cutoff") or (mode == "cutoff") != (cutoff is not None):
-            raise ModelError(f"{source}: neighbour_mode {mode!r} with cutoff_angstrom {cutoff!r} is inconsistent")
+            raise ModelError(f"{source}: neighbour_mode {mode!r} with cutoff_angstrom {cutoff!r} is inconsistent "
+                             "(expected 'paper' with null, or 'cutoff' with a number of Å)")
+        if cutoff is not None:
+            cutoff = _number(cutoff, f"{source}: cutoff_angstrom", positive=True)
+        width = _number(d.get("cutoff_width_angstrom", 1.0), f"{source}: cutoff_width_angstrom", positive=True)
         n_feat = len(species) * len(weights) + (angular.n_features(len(species)) if angular is not None else 0)
-        try:
-            a = tuple(np.asarray(coefs[s]["A"], dtype=float) for s in species)
+        a, b = [], []
+        for s in species:
+            a.append(_vector(coefs[s].get("A"), n_feat, f"{source}: coefficients[{s!r}]['A']"))
             if fmt == FORMAT_V1:
-                b = tuple(np.asarray(coefs[s]["B"], dtype=float) for s in species)
+                b.append(_matrix(coefs[s].get("B"), n_feat, f"{source}: species {s}", f"coefficients[{s!r}]['B']"))
             else:
-                b = []
-                for s in species:
-                    mat = np.zeros((n_feat, n_feat))
-                    for j, l, v in coefs[s]["B_nonzero_upper"]:
-                        if not (0 <= int(j) <= int(l) < n_feat) or int(j) != j or int(l) != l:
-                            raise ValueError(f"species {s}: B index ({j}, {l}) outside 0 <= j <= l < {n_feat}")
-                        mat[int(j), int(l)] = mat[int(l), int(j)] = float(v)
-                    b.append(mat)
-                b = tuple(b)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{source}: coefficients must be {{species: {{'A': [...], "
-                             f"{'B' if fmt == FORMAT_V1 else 'B_nonzero_upper'}: ...}}}}: {exc}") from None
-        for arr in a + b:
-            if not np.isfinite(arr).all():
-                raise ModelError(f"{source}: non-finite coefficient")
+                b.append(_upper(coefs[s].get("B_nonzero_upper"), n_feat, f"{source}: species {s}",
+                                f"coefficients[{s!r}]['B_nonzero_upper']"))
+        for key in ("metrics", "provenance"):
+            if not isinstance(d.get(key, {}), dict):
+                raise ModelError(f"{source}: field {key!r} must be an object, got {_json_type(d[key])}")
         try:
-            return cls(kind=need("kind"), species=species, masses=tuple(float(masses[s]) for s in species),
-                       weights=weights, A=a, B=b, cutoff_angstrom=None if cutoff is None else float(cutoff),
-                       width_angstrom=float(d.get("cutoff_width_angstrom", 1.0)), metrics=d.get("metrics", {}),
-                       provenance=d.get("provenance", {}), angular=angular, prior=prior)
+            model = cls(kind=kind, species=species, masses=tuple(float(masses[s]) for s in species),
+                        weights=weights, A=tuple(a), B=tuple(b), cutoff_angstrom=cutoff, width_angstrom=width,
+                        metrics=d.get("metrics", {}), provenance=d.get("provenance", {}), angular=angular,
+                        prior=prior)
         except ModelError as exc:
             raise ModelError(f"{source}: {exc}") from None
+        digest = d.get("digest")
+        if digest is not None:
+            want = digest.get("sha256") if isinstance(digest, dict) else None
+            if not isinstance(want, str) or digest.get("scheme") != DIGEST_SCHEME:
+                raise ModelError(f"{source}: field 'digest' must be {{'sha256': hex, 'scheme': {DIGEST_SCHEME!r}}}, "
+                                 f"got {digest!r:.120}")
+            got = model.content_digest()
+            if got != want:
+                raise ModelError(f"{source}: the content digest does not match (file says sha256 {want[:12]}..., "
+                                 f"the content gives {got[:12]}...): the model was edited after fitting (kind, "
+                                 "species, masses, basis, cutoff, prior or coefficients); refit it, or remove the "
+                                 "'digest' field to use it as edited")
+        return model
+
+
+#: the fields of :meth:`Model.to_json` that :meth:`Model.content_digest` covers
+_DIGEST_FIELDS = ("kind", "species", "masses_amu", "weight_functions", "angular_basis", "neighbour_mode",
+                  "cutoff_angstrom", "cutoff_width_angstrom", "prior", "coefficients")
+
+
+def _json_type(v) -> str:
+    """How a JSON value reads to a user: ``null``, ``a string ('x')``, ``a list of 3``, ..."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"{str(v).lower()}"
+    if isinstance(v, str):
+        return f"a string ({v!r:.40})"
+    if isinstance(v, (int, float)):
+        return f"the number {v!r}"
+    if isinstance(v, list):
+        return f"a list of {len(v)}"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _number(v, where: str, *, positive: bool = False) -> float:
+    """A finite JSON number (> 0 if ``positive``), else a ModelError naming ``where``."""
+    if not _is_number(v):
+        raise ModelError(f"{where} must be a number, got {_json_type(v)}")
+    if not math.isfinite(v) or (positive and not v > 0):
+        raise ModelError(f"{where} must be a finite number{' > 0' if positive else ''}, got {v!r}")
+    return float(v)
+
+
+def _coefficient(v, where: str) -> float:
+    if not _is_number(v):
+        raise ModelError(f"{where} must be a number (eV), got {_json_type(v)}")
+    if not math.isfinite(v) or abs(v) > MAX_COEFFICIENT_EV:
+        raise ModelError(f"{where} is {v!r}; coefficients must be finite with |c| <= {MAX_COEFFICIENT_EV:g} eV "
+                         "(a fit never gives such values: the file is damaged or was edited)")
+    return float(v)
+
+
+def _vector(v, n: int, where: str) -> np.ndarray:
+    if not isinstance(v, list):
+        raise ModelError(f"{where} must be a list of {n} numbers (eV), got "
+                         f"{_json_type(v) if v is not None else 'null (or nothing)'}")
+    if len(v) != n:
+        raise ModelError(f"{where} must have {n} entries (one per feature), got {len(v)}")
+    return np.array([_coefficient(x, f"{where}[{i}]") for i, x in enumerate(v)], dtype=float)
+
+
+def _matrix(v, n: int, who: str, name: str) -> np.ndarray:
+    """A dense (format 1) B: ``who`` names file and species, ``name`` the field."""
+    if not isinstance(v, list) or len(v) != n or not all(isinstance(r, list) and len(r) == n for r in v):
+        got = (f"{len(v)} rows of lengths {sorted({len(r) if isinstance(r, list) else -1 for r in v})}"
+               if isinstance(v, list) else _json_type(v))
+        raise ModelError(f"{who}: A must have {n} entries and B be {n}x{n} ({name} as a list of {n} lists of "
+                         f"numbers, eV); got {got}")
+    where = f"{who}: {name}"
+    return np.array([[_coefficient(x, f"{where}[{i}][{j}]") for j, x in enumerate(r)] for i, r in enumerate(v)])
+
+
+def _upper(v, n: int, who: str, name: str) -> np.ndarray:
+    """B from its [j, l, B_jl] (j <= l) triples: ``who`` names file and species, ``name`` the field."""
+    where = f"{who}: {name}"
+    if not isinstance(v, list):
+        raise ModelError(f"{where} must be a list of [j, l, B_jl] triples, got {_json_type(v)}")
+    mat = np.zeros((n, n))
+    for q, t in enumerate(v):
+        if not (isinstance(t, list) and len(t) == 3 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                            for i in t[:2])):
+            raise ModelError(f"{where}[{q}] must be [j, l, B_jl] with integer j, l, got {t!r:.60}")
+        j, l, x = t
+        if not 0 <= j <= l < n:
+            raise ModelError(f"{who}: B index ({j}, {l}) outside 0 <= j <= l < {n} ({name}[{q}])")
+        mat[j, l] = mat[l, j] = _coefficient(x, f"{where}[{q}]")
+    return mat
 
 
 def load_model(path: str | Path) -> Model:
     """Read a model JSON file; malformed files give a ModelError naming the file and field."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
+        raise ModelError(f"{path}: no such model file" + (" (a directory)" if path.is_dir() else ""))
     try:
-        d = json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not a UTF-8 text file (a model is the JSON file `ensemble fit` writes)") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        d = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: not JSON ({exc})") from None
-    if not isinstance(d, dict):
-        raise ModelError(f"{path}: expected a JSON object")
+    except RecursionError:
+        raise ModelError(f"{path}: not a model (JSON nested too deeply)") from None
     return Model.from_json(d, str(path))
 
 

@@ -10,11 +10,11 @@ from .gram import (SPLITS, GramSet, JointFit, SpeciesFit, Splits, accumulate_gra
                    backward_elimination, columns_for_weights, configuration_splits, conservative_design,
                    conservative_design_blas, fit_joint, fit_species, frame_splits, n_columns, pair_gradients,
                    quadratic_index, relative_rmse, shortest_training_distances, solve_ridge)
-from .pipeline import FitConfig, FitReport, fit_store, format_table, load_fit_config, plot_selection
+from .pipeline import FitConfig, FitError, FitReport, fit_store, format_table, load_fit_config, plot_selection
 
 __all__ = ["SPLITS", "GramSet", "JointFit", "SpeciesFit", "Splits", "accumulate_gram", "agent_design",
            "backward_elimination", "columns_for_weights", "conservative_design", "conservative_design_blas",
            "fit_joint", "fit_species", "frame_splits", "n_columns", "pair_gradients", "quadratic_index",
            "relative_rmse", "solve_ridge", "FitConfig", "FitReport", "fit_store", "format_table",
            "load_fit_config", "plot_selection", "agent_feature_rows", "conservative_feature_rows",
-           "configuration_splits", "shortest_training_distances"]
+           "configuration_splits", "shortest_training_distances", "FitError"]

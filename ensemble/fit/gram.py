@@ -431,7 +431,8 @@ def _store_inputs(ds: xr.Dataset, codes: np.ndarray, n_species: int, order, kind
         acc = (ds["forces"].data if "forces" in ds else
                ds["accelerations"].data * (masses / EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2)[None, :, None])
     else:
-        acc = ds["accelerations"].data
+        acc = (ds["accelerations"].data if "accelerations" in ds else
+               ds["forces"].data * (EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2 / masses)[None, :, None])
     if not isinstance(pos, da.Array):
         pos, acc = da.from_array(pos, chunks=(max(n // 4, 1), -1, -1)), da.from_array(acc, chunks=(max(n // 4, 1), -1, -1))
     acc = acc.rechunk({0: pos.chunks[0]})
@@ -462,7 +463,7 @@ def accumulate_gram(ds: xr.Dataset, weights: WeightSet | None = None, *, kind: s
                     splits: Splits = Splits(), cutoff_angstrom: float | None = None, width_angstrom: float = 1.0,
                     quadratic: bool = True, species_order: list[str] | None = None, batch_frames: int = 8,
                     features: FeatureSpec | None = None, split: np.ndarray | None = None,
-                    prior=None) -> GramSet:
+                    prior=None, progress=None) -> GramSet:
     """One pass over a trajectory: a model kind's Gram matrices per species and split.
 
     ``agent`` targets accelerations (Å/fs^2); ``conservative`` targets forces (eV/Å;
@@ -472,7 +473,8 @@ def accumulate_gram(ds: xr.Dataset, weights: WeightSet | None = None, *, kind: s
     ``width_angstrom`` / ``quadratic`` for many-body models. ``split`` gives each frame's split
     (-1 discarded, 0 train, 1 validation, 2 test) explicitly; default: ``splits`` as fractions of
     the time axis. With a ``prior`` (:class:`ensemble.prior.ShortRangePrior`) the fit targets are
-    the reference minus the prior's forces.
+    the reference minus the prior's forces. ``progress(n)``, if given, is called with the number of
+    frames each finished chunk held (in the order they finish).
 
     ``ds`` may be dask-backed (an opened store): the work runs per frame chunk on
     whatever dask scheduler is active and only the (C + 1)^2 matrices are combined.
@@ -514,10 +516,64 @@ def accumulate_gram(ds: xr.Dataset, weights: WeightSet | None = None, *, kind: s
     parts = da.map_blocks(fn, pos, acc, box_d[:, None, :], split_d[:, None, None], **kw,
                           dtype=float, chunks=((1,) * len(fchunks), (n_species,), (3,), (c + 1,), (c + 1,)),
                           new_axis=[3, 4], drop_axis=[], meta=np.empty((0, 0, 0, 0, 0)))
-    zz = parts.sum(axis=0, split_every=4).compute()
+    if progress is None:
+        zz = parts.sum(axis=0, split_every=4).compute()
+    else:
+        zz = _sum_with_progress(parts, list(fchunks), progress)
     rows = np.array([[3 * np.sum(codes == s) * np.sum(split == sp) for sp in range(3)] for s in range(n_species)])
     return GramSet(zz=zz, rows=rows, species=tuple(order), spec=features, kind=kind,
                    frames=int(np.sum(split >= 0)))
+
+
+def _add_parts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+def _sum_with_progress(parts: da.Array, frames: list[int], progress) -> np.ndarray:
+    """``parts.sum(axis=0)`` (one (1, ...) block per frame chunk) with ``progress(frames)`` after each
+    chunk. On a dask.distributed client the chunks are summed pairwise on the workers as they finish
+    (only the total comes back, and finished chunks are released); on the local scheduler, in
+    groups of one chunk per core."""
+    import os
+
+    leaves = list(parts.to_delayed().ravel())
+    try:
+        from distributed import as_completed, default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        client = None
+    if client is None:
+        import dask
+
+        total = None
+        step = max(os.cpu_count() or 1, 1)
+        for g in range(0, len(leaves), step):
+            for v in dask.compute(*leaves[g:g + step]):
+                total = v if total is None else total + v
+            progress(int(sum(frames[g:g + step])))
+        return total[0]
+    futures = client.compute(leaves)
+    chunk_frames = {f.key: n for f, n in zip(futures, frames)}
+    ac = as_completed(futures)
+    del futures
+    pending = None
+    try:
+        for fut in ac:
+            if fut.status == "error":
+                fut.result()                # raises the task's exception (e.g. a StoreError)
+            n = chunk_frames.pop(fut.key, None)
+            if n is not None:
+                progress(int(n))
+            if pending is None:
+                pending = fut
+            else:
+                ac.add(client.submit(_add_parts, pending, fut, pure=False))
+                pending = None
+        return pending.result()[0]
+    except BaseException:
+        ac.clear()
+        raise
 
 
 #: columns are standardized by max(RMS, SCALE_FLOOR x the median column RMS): see solve_ridge

@@ -15,16 +15,22 @@ import numpy as np
 
 from ..angular import AngularBasis, default_angular_basis
 from ..configfile import read_toml
+from ..errors import UserError
 from ..features import QUADRATIC, FeatureSpec
 from .gram import (SPLITS, GramSet, Splits, accumulate_gram, backward_elimination, configuration_splits, fit_joint,
                    fit_species, frame_splits, shortest_training_distances)
-from ..invariants import WeightSet, orthorhombic_box, paper_weights
+from ..invariants import WeightSet, check_cutoff, orthorhombic_box, paper_weights
 from ..io.store import open_trajectory
 from ..model import Model
 from ..prior import DEFAULT_MARGIN_ANGSTROM, ShortRangePrior
 
 __all__ = ["FitConfig", "load_fit_config", "fit_store", "fit_stores", "FitReport", "format_table", "store_split",
-           "manybody_weights", "MANYBODY_CUTOFF_ANGSTROM"]
+           "manybody_weights", "MANYBODY_CUTOFF_ANGSTROM", "FitError", "open_fit_stores"]
+
+
+class FitError(UserError, ValueError):
+    """Stores or settings a fit cannot use: the message names the store, the variable or setting,
+    the frame where it applies, what was expected and what was found."""
 
 KEEP_WORDS = ("all", "best")
 
@@ -267,31 +273,143 @@ def _open(store, cfg: FitConfig):
     return ds.chunk({"frame": cfg.chunk_frames})
 
 
-def fit_store(store: str | Path, cfg: FitConfig, *, progress=print) -> FitReport:
+def _target(ds, kind: str) -> str | None:
+    """The variable a fit of ``kind`` reads its targets from (the other one, converted, if absent)."""
+    order = ("forces", "accelerations") if kind == "conservative" else ("accelerations", "forces")
+    return next((name for name in order if name in ds.variables), None)
+
+
+def open_fit_stores(stores, cfg: FitConfig, *, validation=(), test=()) -> list[tuple[str, Path, object]]:
+    """Open the stores of a fit as ``(role, path, dataset)`` and check, from their metadata alone,
+    that the fit can use them: positions and forces or accelerations present, an orthorhombic box
+    with positive edges, one mass per species (within a store and across stores), cutoffs within
+    half of every box, at least one frame. Raises :class:`FitError` naming the store; nothing is
+    computed."""
+    stores = [Path(s) for s in stores]
+    if not stores:
+        raise FitError("fit needs at least one store")
+    roles = [("fit", s) for s in stores] + [("validation", Path(s)) for s in validation] + \
+        [("test", Path(s)) for s in test]
+    opened = [(role, path, _open(path, cfg)) for role, path in roles]
+    masses: dict = {}
+    for role, path, ds in opened:
+        if "positions" not in ds.variables:
+            raise FitError(f"{path}: no variable 'positions'; a fit needs positions (frame, atom, xyz) in Å")
+        if _target(ds, cfg.kind) is None:
+            raise FitError(f"{path}: no variable 'forces' or 'accelerations'; a fit needs one of them as its target "
+                           "(ingest a run with forces, or a store written by `ensemble simulate`)")
+        if ds.sizes["frame"] < 1:
+            raise FitError(f"{path}: no frames")
+        try:
+            boxes = orthorhombic_box(ds["cell"].values, f"{path}: cell")
+        except ValueError as exc:
+            raise FitError(str(exc)) from None
+        if not np.isfinite(boxes).all():
+            raise FitError(f"{path}: cell has non-finite edges; expected an orthorhombic box in Å")
+        for name, (rc, w) in {"cutoff_angstrom": (cfg.cutoff_angstrom, cfg.width_angstrom),
+                              "angular cutoff_angstrom": ((cfg.angular.cutoff_angstrom,
+                                                           cfg.angular.cutoff_width_angstrom)
+                                                          if cfg.angular is not None else (None, 1.0))}.items():
+            try:
+                check_cutoff(rc, w, boxes)
+            except ValueError as exc:
+                raise FitError(f"{path}: {name}: {exc}; choose a cutoff of at most half the smallest box edge "
+                               "(--cutoff, or the config's cutoff_angstrom)") from None
+        spec = np.array([str(x) for x in ds["species"].values])
+        m_all = np.asarray(ds["masses"].values, float)
+        if not (np.isfinite(m_all).all() and (m_all > 0).all()):
+            raise FitError(f"{path}: masses must be finite and > 0 amu; got {m_all[~(np.isfinite(m_all) & (m_all > 0))][:3]}")
+        for sp_ in sorted(set(spec)):
+            m = np.unique(m_all[spec == sp_])
+            if m.size > 1:
+                raise FitError(f"{path}: atoms of species {sp_} have different masses {m.tolist()} amu; one loss per "
+                               "species needs one mass (give isotopes their own species label)")
+            if abs(masses.setdefault(sp_, m[0]) - m[0]) > 1e-3 * m[0]:
+                raise FitError(f"{path}: species {sp_} has mass {m[0]} amu, another store {masses[sp_]} amu; "
+                               "one loss per species needs one mass (the first store's is used within 0.1 %)")
+    return opened
+
+
+def _check_finite(opened, splits, cfg: FitConfig) -> None:
+    """One lazy dask pass (per chunk, on the active scheduler) over the positions and the target of
+    every frame the fit uses; raises :class:`FitError` naming the store, variable and frame of the
+    first non-finite value. Reading the chunks also surfaces damaged stores here, before the Gram."""
+    import dask
+    import dask.array as da
+
+    flags, where = [], []
+    for (role, path, ds), split in zip(opened, splits):
+        for name in ("positions", _target(ds, cfg.kind)):
+            x = ds[name].data
+            if not isinstance(x, da.Array):
+                x = da.from_array(np.asarray(x), chunks=(cfg.chunk_frames,) + x.shape[1:])
+            flags.append(da.isfinite(x).all(axis=tuple(range(1, x.ndim))))
+            where.append((path, name, split))
+    for ok, (path, name, split) in zip(dask.compute(*flags), where):
+        bad = np.flatnonzero(~np.asarray(ok) & (split >= 0)) * cfg.frame_stride
+        if bad.size:
+            more = f" and {bad.size - 1} more frame(s) ({', '.join(map(str, bad[1:6]))}{', ...' if bad.size > 6 else ''})"
+            raise FitError(f"{path}: variable {name!r} has non-finite values (NaN or inf) in frame {bad[0]}"
+                           f"{more if bad.size > 1 else ''}; a fit cannot use them: repair the store, or fit on frames "
+                           "without them")
+
+
+def _check_counts(opened, splits, cfg: FitConfig, spec: FeatureSpec, order: list[str]) -> None:
+    """Every split has frames, and the training rows are at least the Gram columns (else the least
+    squares are underdetermined and the errors NaN). Raises :class:`FitError` with the counts."""
+    per = np.zeros(3, dtype=np.int64)
+    rows = np.zeros(len(order), dtype=np.int64)
+    for (_, path, ds), split in zip(opened, splits):
+        per += np.array([np.sum(split == k) for k in range(3)])
+        spc = [str(x) for x in ds["species"].values]
+        for s, name in enumerate(order):
+            rows[s] += 3 * spc.count(name) * int(np.sum(split == 0))
+    names = ", ".join(f"{store}: {int(ds.sizes['frame'])}" for _, store, ds in opened)
+    if (per == 0).any():
+        missing = [n for n, k in zip(SPLITS, per) if k == 0]
+        raise FitError(f"the fit needs at least one frame in each of train, validation and test; the frames used "
+                       f"({names}) give train {per[0]}, validation {per[1]}, test {per[2]} with splits "
+                       f"{cfg.splits.__dict__}: no {' or '.join(missing)} frame; fit on a longer trajectory (or "
+                       "give --validation / --test stores)")
+    if cfg.kind == "conservative":
+        need, have, what = spec.block * len(order), int(rows.sum()), "all species together"
+    else:
+        s = int(np.argmin(rows))
+        need, have, what = spec.block, int(rows[s]), f"species {order[s]}"
+    if have < need:
+        raise FitError(f"too few training rows: {have} rows ({per[0]} training frames) for {what}, but the "
+                       f"{cfg.kind} fit has {need} columns ({spec.n_features} features + {spec.n_quadratic} quadratic"
+                       f"{' per species' if cfg.kind == 'conservative' else ''}); need at least {need} rows: fit on "
+                       "more frames, or fewer columns (fewer weight functions, --quadratic none)")
+
+
+def fit_store(store: str | Path, cfg: FitConfig, *, progress=print, frame_progress=None) -> FitReport:
     """Fit ``cfg.kind`` on one trajectory store (uses the active dask client, if any)."""
-    return fit_stores([store], cfg, progress=progress)
+    return fit_stores([store], cfg, progress=progress, frame_progress=frame_progress)
 
 
-def fit_stores(stores, cfg: FitConfig, *, validation=(), test=(), progress=print) -> FitReport:
+def fit_stores(stores, cfg: FitConfig, *, validation=(), test=(), progress=print, frame_progress=None) -> FitReport:
     """Fit ``cfg.kind`` on several stores at once (time series and / or configuration sets; boxes
     and systems may differ): their Gram matrices add. Each store is split by :func:`store_split`;
     ``validation`` / ``test`` stores serve only that split (then the fit stores train on those
     frames instead). Uses the active dask client, if any.
+
+    Before any solve the stores are checked (:func:`open_fit_stores`), the frames used must be
+    finite (one lazy pass) and the training rows at least the columns: a :class:`FitError` names
+    the store, variable and frame. ``frame_progress(done, total)`` follows the Gram reduction in
+    frames.
     """
     stores = [Path(s) for s in stores]
-    if not stores:
-        raise ValueError("fit needs at least one store")
-    roles = [("fit", s) for s in stores] + [("validation", s) for s in validation] + [("test", s) for s in test]
-    opened = [(role, Path(path), _open(path, cfg)) for role, path in roles]
+    opened = open_fit_stores(stores, cfg, validation=validation, test=test)
     order = sorted({str(x) for _, _, ds in opened for x in ds["species"].values})
     masses: dict = {}
-    for _, path, ds in opened:      # the same element from different tables of standard weights agrees to 1e-4
+    for _, path, ds in opened:
         for sp_, m in zip((str(x) for x in ds["species"].values), np.asarray(ds["masses"].values, float)):
-            if abs(masses.setdefault(sp_, m) - m) > 1e-3 * m:
-                raise ValueError(f"{path}: species {sp_} has mass {m} amu, another store {masses[sp_]} amu; "
-                                 "one loss per species needs one mass (the first store's is used within 0.1 %)")
+            masses.setdefault(sp_, m)
     splits = [store_split(ds, cfg, role, own_validation=not validation, own_test=not test) for role, _, ds in opened]
     spec = FeatureSpec(len(order), cfg.weights, cfg.angular, cfg.quadratic, cfg.cutoff_angstrom, cfg.width_angstrom)
+    _check_finite(opened, splits, cfg)
+    _check_counts(opened, splits, cfg, spec, order)
     t0 = time.perf_counter()
     prior = None
     shortest = np.full((len(order), len(order)), np.inf)
@@ -301,8 +419,16 @@ def fit_stores(stores, cfg: FitConfig, *, validation=(), test=(), progress=print
     if cfg.prior:
         prior = ShortRangePrior(tuple(order), shortest, cfg.prior_margin_angstrom)
     gram: GramSet | None = None
+    total = int(sum(ds.sizes["frame"] for _, _, ds in opened))
+    done = [0]
+
+    def chunk_done(n: int) -> None:
+        done[0] += n
+        frame_progress(done[0], total)
+
     for (role, path, ds), split in zip(opened, splits):
-        part = accumulate_gram(ds, kind=cfg.kind, features=spec, split=split, species_order=order, prior=prior)
+        part = accumulate_gram(ds, kind=cfg.kind, features=spec, split=split, species_order=order, prior=prior,
+                               progress=chunk_done if frame_progress is not None else None)
         gram = part if gram is None else gram + part
     gram_s = time.perf_counter() - t0
     n_frames = int(sum(ds.sizes["frame"] for _, _, ds in opened))
@@ -329,7 +455,7 @@ def fit_stores(stores, cfg: FitConfig, *, validation=(), test=(), progress=print
             coefs, kept = [], set()
             for s, name in enumerate(gram.species):
                 if gram.rows[s, 0] == 0:
-                    raise ValueError(f"species {name}: no training rows")
+                    raise FitError(f"species {name}: no training rows")
                 curve = (backward_elimination(gram, s, cfg.ridge) if cfg.keep != "all"
                          else [(list(range(gram.n_groups)), None, None)])
                 curves[name] = [(len(k), e, [names[i] for i in k]) for k, e, _ in curve]

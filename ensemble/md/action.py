@@ -363,13 +363,15 @@ class ActionModel:
 
     @classmethod
     def from_json(cls, d: dict, source: str = "<action model>") -> "ActionModel":
+        if not isinstance(d, dict):
+            raise ActionModelError(f"{source}: expected a JSON object (an action model), got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ActionModelError(f"{source}: format {d.get('format')!r}; expected {FORMAT!r}")
         try:
             return cls(kind=d["kind"], dt_fs=float(d["dt_fs"]), features=PairFeatures.from_json(d["features"]),
                        coef=np.asarray(d["coefficients"], float), potential=d.get("potential", {}),
                        metrics=d.get("metrics", {}), provenance=d.get("provenance", {}))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, ActionModelError):
                 raise ActionModelError(f"{source}: {exc}") from None
             raise ActionModelError(f"{source}: malformed action model ({type(exc).__name__}: {exc})") from None
@@ -380,7 +382,10 @@ def load_action(path: str | Path) -> ActionModel:
     if not path.is_file():
         raise ActionModelError(f"{path}: no such action model file")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ActionModelError(f"{path}: not a UTF-8 text file (an action model is the JSON file "
+                               "`ensemble fit-action` writes)") from None
     except json.JSONDecodeError as exc:
         raise ActionModelError(f"{path}: not JSON ({exc})") from None
     return ActionModel.from_json(d, str(path))
