@@ -185,8 +185,13 @@ def cmd_fit(args) -> int:
                  "angular": "default" if args.angular else None, "prior": False if args.no_prior else None}
     if args.cutoff is not None:
         overrides.update(neighbour_mode="cutoff", cutoff_angstrom=args.cutoff)
+    if args.ridge is not None:
+        overrides["ridge"] = args.ridge
+    if args.ridge_scan is not None:
+        overrides["ridge_scan"] = args.ridge_scan
     try:
         cfg = load_fit_config(args.config, **overrides)
+        cfg, screen = _screen_settings(args, cfg)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     from .fit.pipeline import fit_stores, open_fit_stores
@@ -216,11 +221,45 @@ def cmd_fit(args) -> int:
                                 frame_progress=_progress("Gram reduction", elapsed=True))
         except ValueError as exc:     # stores that do not fit together or with the settings
             raise UsageError(str(exc)) from None
+    if screen is not None:
+        from .screen import screen_fit
+
+        report = screen_fit(report, args.store, cfg, screen, own_validation=not args.validation,
+                            own_test=not args.test, progress=lambda m: print(m, file=sys.stderr))
     report.model.save(out)            # atomically, after every check
     png = plot_selection(report, png)
     print(format_table(report, cfg.kind))
     print(f"wrote {out} and {png}")
     return 0
+
+
+def _screen_settings(args, cfg):
+    """``(fit config, screen settings or None)`` for ``ensemble fit``: the stability screen
+    (:mod:`ensemble.screen`) is on by default for the many-body model (conservative with angular
+    invariants); ``--screen`` / ``--no-screen`` or ``[screen] enabled`` decide otherwise. With a
+    screen, the fit solves a ridge scan (the config's ``ridge_scan``, else its ridge and the default
+    ladder above it); settings come from the config's ``[screen]`` table and the options."""
+    from .screen import ScreenSettings, screened_by_default, with_ridge_scan
+
+    table = {}
+    if args.config:
+        from .configfile import read_toml
+
+        table = dict(read_toml(args.config, "fit config", UsageError).get("screen", {}))
+    known = {"enabled", "picoseconds", "temperature_K", "max_heating", "block_fs", "dt_fs", "tau_fs", "seed"}
+    if set(table) - known:
+        raise UsageError(f"{args.config}: unknown keys in [screen]: {sorted(set(table) - known)}; known: {sorted(known)}")
+    enabled = table.pop("enabled", screened_by_default(cfg))
+    if args.screen is not None:
+        enabled = args.screen
+    if not enabled:
+        return cfg, None
+    if args.screen_ps is not None:
+        table["picoseconds"] = args.screen_ps
+    if args.screen_temperature_K is not None:
+        table["temperature_K"] = args.screen_temperature_K
+    settings = ScreenSettings(**table)
+    return with_ridge_scan(cfg), settings
 
 
 def cmd_fit_action(args) -> int:
@@ -528,6 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quadratic", choices=["none", "pair", "pair+radial", "all"],
                    help="feature pairs with quadratic coefficients (default: pair)")
     s.add_argument("--no-prior", action="store_true", help="no short-range repulsion below the training distances")
+    s.add_argument("--ridge", type=float, help="ridge on standardized columns (default 1e-10)")
+    s.add_argument("--ridge-scan", help="ridges to solve on the same Gram, comma-separated (default with a screen: "
+                                        "the ridge and 1e-8, 1e-6, 1e-5, 1e-4, 1e-3 above it)")
+    s.add_argument("--screen", action=argparse.BooleanOptionalAction, default=None,
+                   help="stability screen: short NVT of each ridge's model from the last training frame, the "
+                        "least-regularised that holds the liquid is kept (default: on for --angular conservative)")
+    s.add_argument("--screen-ps", type=float, help="screen length per candidate, ps (default 1)")
+    s.add_argument("--screen-temperature-K", type=float,
+                   help="screen temperature (default: the training frames' mean temperature)")
     s.add_argument("--split-seed", type=int, help="seed of the configuration-set shuffle (default 0)")
     s.add_argument("--keep", help="groups kept by backward elimination: a number (default 7), 'best' "
                                   "(lowest validation error) or 'all' (no elimination)")

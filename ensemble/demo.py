@@ -100,6 +100,7 @@ def run_demo(out: str | Path, *, fit_stride: int = 4, steps: int | None = None, 
     from .io import format_summary, open_trajectory, summarize
     from .report import report_ensemble, write_report
     from .runner import load_ensemble, run_ensemble
+    from .screen import format_screen_short, screen_fit, screened_by_default, with_ridge_scan
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -123,7 +124,12 @@ def run_demo(out: str | Path, *, fit_stride: int = 4, steps: int | None = None, 
         for label, overrides in DEMO_FITS.items():
             t0 = time.perf_counter()
             cfg = load_fit_config(None, frame_stride=fit_stride, chunk_frames=10, **overrides)
+            if screened_by_default(cfg):          # as `ensemble fit` does: the ridge that holds the liquid
+                cfg = with_ridge_scan(cfg)
             rep = fit_store(ref, cfg, progress=lambda m: None)
+            if rep.candidates:
+                rep = screen_fit(rep, [ref], cfg, progress=lambda m: None)
+                progress(f"[2/5] {label}: {format_screen_short(rep.model)}")
             path = out / "models" / f"{label}.json"
             rep.model.save(path)
             val = {s: round(v["validation"], 3) for s, v in rep.model.metrics["relative_rmse"]["quadratic"].items()}

@@ -90,7 +90,7 @@ def run_fit(args, capsys) -> tuple[int, str]:
     ("nan_positions", [], "nan_positions.zarr: variable 'positions' has non-finite values (NaN or inf) in frame 8"),
     ("inf_accelerations", [], "inf_accelerations.zarr: variable 'accelerations' has non-finite values (NaN or inf) "
                               "in frame 12"),
-    ("two_frames", [], "at least one frame in each of train, validation and test"),
+    ("two_frames", [], "at least one frame in each split it is asked for"),
     ("triclinic", [], "triclinic.zarr: cell: triclinic cells are not supported"),
     ("zero_cell", [], "zero_cell.zarr: cell: cell edges must be positive"),
     ("mixed_masses", [], "mixed_masses.zarr: atoms of species H have different masses [1.00794, 2.014] amu"),

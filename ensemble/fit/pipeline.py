@@ -71,6 +71,7 @@ class FitConfig:
     prior: bool = True
     prior_margin_angstrom: float = DEFAULT_MARGIN_ANGSTROM
     split_seed: int = 0
+    ridge_scan: tuple[float, ...] = ()          # extra ridges solved on the same Gram and selection
 
     def __post_init__(self):
         if self.kind not in ("agent", "conservative"):
@@ -84,8 +85,10 @@ class FitConfig:
                              f"{' + angular radial functions' if self.angular is not None else ''}), got {self.keep}")
         if self.chunk_frames < 1 or self.frame_stride < 1:
             raise ValueError("chunk_frames and frame_stride must be >= 1")
-        if self.ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if not (np.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge}")
+        if any(not (np.isfinite(r) and r >= 0) for r in self.ridge_scan):
+            raise ValueError(f"ridge_scan must hold finite numbers >= 0, got {list(self.ridge_scan)}")
         if self.quadratic not in QUADRATIC:
             raise ValueError(f"quadratic must be one of {QUADRATIC}, got {self.quadratic!r}")
         if self.prior_margin_angstrom < 0:
@@ -131,7 +134,8 @@ def load_fit_config(path: str | Path | None, **overrides) -> FitConfig:
         raw = read_toml(path, "fit config", ValueError)
     fit = dict(raw.get("fit", {}))
     known = {"kind", "weights", "neighbour_mode", "cutoff_angstrom", "cutoff_width_angstrom", "ridge", "keep",
-             "chunk_frames", "frame_stride", "angular", "quadratic", "prior", "prior_margin_angstrom", "split_seed"}
+             "chunk_frames", "frame_stride", "angular", "quadratic", "prior", "prior_margin_angstrom", "split_seed",
+             "ridge_scan"}
     unknown = set(fit) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys in [fit]: {sorted(unknown)}; known: {sorted(known)}")
@@ -167,7 +171,20 @@ def load_fit_config(path: str | Path | None, **overrides) -> FitConfig:
                      angular=angular, quadratic=str(fit.get("quadratic", "pair")),
                      prior=bool(fit.get("prior", True)),
                      prior_margin_angstrom=float(fit.get("prior_margin_angstrom", DEFAULT_MARGIN_ANGSTROM)),
-                     split_seed=int(fit.get("split_seed", 0)))
+                     split_seed=int(fit.get("split_seed", 0)),
+                     ridge_scan=_ridge_scan(fit.get("ridge_scan", ()), path))
+
+
+def _ridge_scan(value, path) -> tuple[float, ...]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, str):
+        value = value.split(",") if value.strip() else []
+    try:
+        return tuple(sorted({float(v) for v in value}))
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: ridge_scan must be a list of numbers (e.g. [1e-10, 1e-6, 1e-4]), got {value!r}") \
+            from None
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,7 @@ class FitReport:
     gram_seconds: float
     frames: int
     columns: dict = field(default_factory=dict)     # column counts and Gram cost
+    candidates: dict = field(default_factory=dict)  # ridge -> Model: cfg.ridge_scan solved on the same Gram / groups
 
 
 def is_configuration_set(ds) -> bool:
@@ -365,9 +383,11 @@ def _check_counts(opened, splits, cfg: FitConfig, spec: FeatureSpec, order: list
         for s, name in enumerate(order):
             rows[s] += 3 * spc.count(name) * int(np.sum(split == 0))
     names = ", ".join(f"{store}: {int(ds.sizes['frame'])}" for _, store, ds in opened)
-    if (per == 0).any():
-        missing = [n for n, k in zip(SPLITS, per) if k == 0]
-        raise FitError(f"the fit needs at least one frame in each of train, validation and test; the frames used "
+    # a split asked for (a fraction > 0, or a --validation / --test store) must get frames; train always
+    wanted = [True] + [getattr(cfg.splits, n) > 0 or any(role == n for role, _, _ in opened) for n in SPLITS[1:]]
+    missing = [n for n, k, w in zip(SPLITS, per, wanted) if k == 0 and w]
+    if missing:
+        raise FitError(f"the fit needs at least one frame in each split it is asked for; the frames used "
                        f"({names}) give train {per[0]}, validation {per[1]}, test {per[2]} with splits "
                        f"{cfg.splits.__dict__}: no {' or '.join(missing)} frame; fit on a longer trajectory (or "
                        "give --validation / --test stores)")
@@ -452,7 +472,7 @@ def fit_stores(stores, cfg: FitConfig, *, validation=(), test=(), progress=print
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         if cfg.kind == "agent":
-            coefs, kept = [], set()
+            coefs, kept, keeps = [], set(), []
             for s, name in enumerate(gram.species):
                 if gram.rows[s, 0] == 0:
                     raise FitError(f"species {name}: no training rows")
@@ -460,6 +480,7 @@ def fit_stores(stores, cfg: FitConfig, *, validation=(), test=(), progress=print
                          else [(list(range(gram.n_groups)), None, None)])
                 curves[name] = [(len(k), e, [names[i] for i in k]) for k, e, _ in curve]
                 keep = _choose(curve, cfg.keep)
+                keeps.append(keep)
                 chosen[name] = [names[i] for i in keep]
                 kept |= set(keep)
                 fit = fit_species(gram, s, keep, cfg.ridge)
@@ -505,8 +526,26 @@ def fit_stores(stores, cfg: FitConfig, *, validation=(), test=(), progress=print
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "training_box_angstrom": [float(b) for b in np.min(boxes, axis=0)]}
     model = _model(cfg, gram, coefs, groups, masses_t, prov, metrics, prior)
+    candidates = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for ridge in cfg.ridge_scan:
+            if ridge == cfg.ridge:
+                candidates[ridge] = model
+                continue
+            if cfg.kind == "agent":
+                fits = [fit_species(gram, s, keeps[s], ridge) for s in range(len(gram.species))]
+                errs, cs, cond = ({n: f.errors for n, f in zip(gram.species, fits)}, [f.coef for f in fits],
+                                  {n: f.condition for n, f in zip(gram.species, fits)})
+            else:
+                joint = fit_joint(gram, keep, ridge)
+                errs, cs, cond = joint.errors, [joint.coef_of(s, gram.block) for s in range(len(order))], \
+                    {"joint": joint.condition}
+            m = {**metrics, "ridge": ridge, "relative_rmse": {**table, "quadratic": errs}, "condition_number": cond,
+                 "selection_ridge": cfg.ridge}
+            candidates[ridge] = _model(cfg, gram, cs, groups, masses_t, prov, m, prior)
     return FitReport(model=model, table=table, conditions=conditions, curves=curves, chosen=chosen,
-                     gram_seconds=gram_s, frames=n_frames, columns=columns)
+                     gram_seconds=gram_s, frames=n_frames, columns=columns, candidates=candidates)
 
 
 def format_table(report: FitReport, kind: str) -> str:
