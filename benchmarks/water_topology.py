@@ -96,10 +96,10 @@ def main() -> None:
         return
     for r in rows:
         print(f"{r['store']}: {r['frames']} frames; H-O-H {r['hoh_angle_mean_deg']:.2f} +- {r['hoh_angle_std_deg']:.2f} deg; "
-              f"H-H intra {r['hh_intra_mean_angstrom']:.3f} A, g_HH first peak {r['g_hh_first_peak_angstrom']:.2f} A; "
-              f"O-H {r['oh_bond_mean_angstrom']:.3f} A; H3O+ {r['h3o_per_frame']:.2f}, OH- {r['oh_minus_per_frame']:.2f} "
+              f"H-H intra {r['hh_intra_mean_angstrom']:.3f} Å, g_HH first peak {r['g_hh_first_peak_angstrom']:.2f} Å; "
+              f"O-H {r['oh_bond_mean_angstrom']:.3f} Å; H3O+ {r['h3o_per_frame']:.2f}, OH- {r['oh_minus_per_frame']:.2f} "
               f"per frame; failing frames {r['frames_failing']} (first {r['first_failing_frame']}); "
-              f"O-O min {r['oo_min_angstrom']:.2f} A")
+              f"O-O min {r['oo_min_angstrom']:.2f} Å")
 
 
 if __name__ == "__main__":

@@ -375,7 +375,7 @@ def run_reference(config: str | Path | ReferenceConfig, out: str | Path, *, step
     if not xyz.exists():
         box = build_water_box(cfg.n_molecules, seed=cfg.seed, box_angstrom=cfg.box_angstrom)
         box.write_xyz(xyz)
-        report(f"built {cfg.n_molecules} H2O in a {cfg.box_angstrom:.4f} A box (seed {cfg.seed}) -> {xyz}")
+        report(f"built {cfg.n_molecules} H2O in a {cfg.box_angstrom:.4f} Å box (seed {cfg.seed}) -> {xyz}")
     eq_dir, prod_dir = work / "equilibration", work / "production"
     _run_stage("equilibration", eq_dir, "equilibration", cfg.equilibration.steps,
                lambda n: equilibration_input(cfg, "../water.xyz"), command, report)

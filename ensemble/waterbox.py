@@ -48,7 +48,7 @@ class WaterBox:
     def write_xyz(self, path: str | Path) -> None:
         """Write a plain xyz file (Å) that CP2K's ``COORD_FILE_FORMAT XYZ`` reads."""
         lines = [str(len(self.species)),
-                 f"{self.n_molecules} H2O, cubic box {self.box_angstrom:.6f} A, seed {self.seed}"]
+                 f"{self.n_molecules} H2O, cubic box {self.box_angstrom:.6f} angstrom, seed {self.seed}"]
         for s, (x, y, z) in zip(self.species, self.positions):
             lines.append(f"{s:2s} {x:16.10f} {y:16.10f} {z:16.10f}")
         Path(path).write_text("\n".join(lines) + "\n")
