@@ -210,6 +210,33 @@ def test_a_stopped_run_fails_by_blow_up_at_its_last_frame(ref_stats):
     assert res["criteria"]["structure"]["cause"] == "no reference given: not checked"
 
 
+def test_a_run_far_above_its_thermostat_target_fails_by_blow_up(water200, ref_stats):
+    import json
+
+    # the embedded frames at ~296 K, read as a run thermostatted at 150 K: 2x the target throughout
+    run = water200.assign_attrs(simulation_settings=json.dumps({"temperature_K": 150.0, "dt_fs": 0.5}))
+    st = analyze(run).compute()
+    assert st.attrs["thermostat_target_K"] == 150.0
+    res = stability(st)
+    assert fired(res) == {"blow_up"} and res["time_fs"] == 0.0 and "thermostat lost" in res["cause"]
+    assert "above 1.5 x the target 150 K" in res["cause"]
+    # at its own temperature, or heating past 1.5x for less than the window (100 fs), it holds
+    assert fired(stability(analyze(run.assign_attrs(simulation_settings=json.dumps({"temperature_K": 300.0})))
+                           .compute())) == set()
+    from ensemble.analysis import StabilityConfig
+
+    cfg = StabilityConfig(thermostat_window_fs=20.0)   # 40 frames of 0.5 fs
+    warm = st.copy(deep=True)
+    warm.attrs["thermostat_target_K"] = 300.0
+    warm["temperature"][100:120] = 500.0            # 10 fs at 500 K, then back: 20 fs means of <= ~400 K
+    assert fired(stability(warm, cfg=cfg)) == set()
+    warm["temperature"][100:] = 500.0               # from 50 fs on, for good
+    res = stability(warm, cfg=cfg)
+    assert fired(res) == {"blow_up"} and 40.0 < res["time_fs"] <= 50.0 and "thermostat lost" in res["cause"]
+    # a store without a thermostat (NVE, a reference) is not judged by it
+    assert "thermostat_target_K" not in ref_stats.attrs
+
+
 def test_structure_windows_slide_over_long_runs():
     from ensemble.analysis import StabilityConfig, structure_windows
     ds = load_default().isel(frame=slice(0, 400))

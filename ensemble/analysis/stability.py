@@ -1,7 +1,9 @@
 """Did a run fail, when, and why: three named criteria, each with its time and cause.
 
 1. ``blow_up``: non-finite positions or velocities, a runaway temperature (above
-   ``runaway_temperature_K``), or a run that stopped (its store says ``failed: ...``).
+   ``runaway_temperature_K``), a lost thermostat (the mean temperature over ``thermostat_window_fs``
+   above ``thermostat_factor`` times the run's thermostat target, when the run store names one),
+   or a run that stopped (its store says ``failed: ...``).
 2. ``dissociation``: a free hydrogen (farther than the bonding distance from every O), an O
    holding 4 or more H, or two O closer than ``oo_min_angstrom`` (collapse), sustained for
    ``sustain_fs`` (so one frame of a fast collision is not a failure).
@@ -34,6 +36,8 @@ class StabilityConfig:
     """Thresholds of the three criteria (defaults for liquid water)."""
 
     runaway_temperature_K: float = 2000.0
+    thermostat_factor: float = 1.5
+    thermostat_window_fs: float = 100.0
     oo_min_angstrom: float = 2.0
     sustain_fs: float = 20.0
     window_fs: float = 1000.0
@@ -82,6 +86,18 @@ def _blow_up(stats, t, cfg) -> Criterion:
     if hot.any():
         f = int(np.argmax(hot))
         found.append((t[f], f"temperature {temp[f]:.0f} K above {cfg.runaway_temperature_K:g} K (runaway)"))
+    target = float(stats.attrs.get("thermostat_target_K", float("nan")) or float("nan"))
+    if np.isfinite(target) and t.size > 1:
+        dt = float(np.median(np.diff(t)))
+        w = max(1, int(round(cfg.thermostat_window_fs / dt))) if dt > 0 else 1
+        if temp.size >= w:
+            run_mean = np.convolve(np.nan_to_num(temp, nan=np.inf), np.ones(w) / w, mode="valid")
+            lost = run_mean > cfg.thermostat_factor * target
+            if lost.any():
+                f = int(np.argmax(lost))
+                found.append((t[f], f"thermostat lost: mean temperature {run_mean[f]:.0f} K over "
+                                    f"{cfg.thermostat_window_fs:g} fs from {t[f]:g} fs, above {cfg.thermostat_factor:g} "
+                                    f"x the target {target:g} K"))
     status = str(stats.attrs.get("source_status", "complete"))
     if status.startswith("failed"):
         found.append((t[-1], f"run stopped: {status.removeprefix('failed: ')}"))

@@ -69,6 +69,15 @@ def _finite_frames(ds: xr.Dataset) -> xr.DataArray:
     return ok
 
 
+def _thermostat_target(ds: xr.Dataset) -> float:
+    """The thermostat target (K) of a run written by ``ensemble simulate`` (NaN: none, or not known)."""
+    try:
+        t = json.loads(ds.attrs.get("simulation_settings", "{}")).get("temperature_K")
+        return float(t) if t is not None and np.isfinite(float(t)) and float(t) > 0 else float("nan")
+    except (TypeError, ValueError, AttributeError):
+        return float("nan")
+
+
 def analyze(ds: xr.Dataset, *, window_fs: float = 100.0, pad: int = DEFAULT_PAD, rdf_max: float = 6.0,
             rdf_bin: float = 0.02, bond_max_angstrom: float = BOND_MAX_ANGSTROM, source: str = "") -> xr.Dataset:
     """All statistics of one trajectory, lazily (dask), in one Dataset (schema ``ensemble.stats/2``).
@@ -146,6 +155,9 @@ def analyze(ds: xr.Dataset, *, window_fs: float = 100.0, pad: int = DEFAULT_PAD,
                  "box_angstrom": [float(b) for b in box], "window_fs": float(window_fs), "pad": int(pad),
                  "bond_max_angstrom": float(bond_max_angstrom), "spectra": spectra,
                  "created_by": f"ensemble {__version__} analyze"}
+    target = _thermostat_target(ds)
+    if np.isfinite(target):          # runs of `ensemble simulate` with a thermostat
+        out.attrs["thermostat_target_K"] = target
     return out
 
 

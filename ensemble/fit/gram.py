@@ -531,9 +531,9 @@ def _add_parts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _sum_with_progress(parts: da.Array, frames: list[int], progress) -> np.ndarray:
     """``parts.sum(axis=0)`` (one (1, ...) block per frame chunk) with ``progress(frames)`` after each
-    chunk. On a dask.distributed client the chunks are summed pairwise on the workers as they finish
-    (only the total comes back, and finished chunks are released); on the local scheduler, in
-    groups of one chunk per core."""
+    chunk. On a dask.distributed client the chunks are summed on the workers in a fixed binary tree
+    (deterministic: the same bits on any cluster; only the total comes back, finished chunks are
+    released); on the local scheduler, in order, in groups of one chunk per core."""
     import os
 
     leaves = list(parts.to_delayed().ravel())
@@ -555,9 +555,18 @@ def _sum_with_progress(parts: da.Array, frames: list[int], progress) -> np.ndarr
         return total[0]
     futures = client.compute(leaves)
     chunk_frames = {f.key: n for f, n in zip(futures, frames)}
+    # a fixed binary tree over the chunks in order (((0 + 1) + (2 + 3)) + ...): the same sum, bit for
+    # bit, whatever the workers and the order they finish in; each sum runs on the workers as soon
+    # as its two halves exist, and a chunk is released once it has been added
+    level = list(futures)
+    while len(level) > 1:
+        nxt = [client.submit(_add_parts, a, b, pure=False) for a, b in zip(level[0::2], level[1::2])]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    root = level[0]
     ac = as_completed(futures)
-    del futures
-    pending = None
+    del futures, level
     try:
         for fut in ac:
             if fut.status == "error":
@@ -565,14 +574,11 @@ def _sum_with_progress(parts: da.Array, frames: list[int], progress) -> np.ndarr
             n = chunk_frames.pop(fut.key, None)
             if n is not None:
                 progress(int(n))
-            if pending is None:
-                pending = fut
-            else:
-                ac.add(client.submit(_add_parts, pending, fut, pure=False))
-                pending = None
-        return pending.result()[0]
+            del fut
+        return root.result()[0]
     except BaseException:
         ac.clear()
+        root.cancel()
         raise
 
 
