@@ -73,9 +73,10 @@ def test_demo_runs_the_whole_pipeline_from_the_entry_point(tmp_path):
 def test_demo_as_in_the_readme(tmp_path):
     out = tmp_path / "demo"
     groups = _check_demo_outputs(out, _demo(out), members=10)
-    # the paper's agent model: a wrong liquid (heats far past its thermostat, many ions, a wide angle)
-    # that trips none of the failure criteria in 0.3 ps; the many-body model: the reference's liquid
+    # the paper's agent model heats far past its thermostat (a lost thermostat: blow-up), makes many
+    # ions and opens the angle; the many-body model: the reference's liquid
     agent = groups[("agent", 300.0, 1)]
+    assert agent["failed"] == 2 and agent["failed_criteria"] == {"blow_up": 2}
     assert agent["temperature"] > 500.0 and agent["n_hydronium"] > 1.0 and agent["hoh_angle_mean"] > 115.0
     for key in (("manybody", 296.0, 1), ("manybody", 296.0, 2), ("manybody", 320.0, 2)):
         g = groups[key]
