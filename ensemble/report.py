@@ -593,7 +593,7 @@ def write_ensemble_report(agg: xr.Dataset, reference: xr.Dataset | None, out: st
            "figures": [f"figures/{f}" for f in figures]}
     md = [f"# {title}", "", f"Mean ± standard error across members (independent seeds) per model, thermostat "
           f"target and tiling ({ENSEMBLE_ERROR_NOTE}); the reference row has block-average errors over time. "
-          "Stability criteria: blow-up (non-finite, runaway temperature, run stopped), dissociation (a free H, an O "
+          "Stability criteria: blow-up (non-finite, runaway temperature, thermostat lost: 100 fs above 1.5x the target, run stopped), dissociation (a free H, an O "
           "with >= 4 H, or O-O collapse, sustained 20 fs), structure (g(r) area > 3 against the reference in a "
           "sliding 1 ps window). Proton transfer is a rate (hops), never a failure.", "",
           format_ensemble_table(rows, ref), ""]
