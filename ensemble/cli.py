@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DynamicsError, UsageError, UserError
-from .files import refuse_aliasing, refuse_existing
+from .files import check_output_parent, refuse_aliasing, refuse_existing
 
 
 
@@ -203,6 +203,7 @@ def cmd_fit(args) -> int:
         inputs.update({label if len(paths) == 1 else f"{label} {i + 1}": p for i, p in enumerate(paths)})
     refuse_aliasing({"--out": out, "the selection plot": png}, inputs)
     refuse_existing([out, png], args.overwrite)
+    check_output_parent(out)
     try:
         open_fit_stores(args.store, cfg, validation=args.validation, test=args.test)  # before any cluster starts
     except ValueError as exc:
@@ -320,6 +321,7 @@ def cmd_simulate(args) -> int:
     # the run store never is, contains or lies inside an input (--init X.zarr:10 --out X.zarr --overwrite)
     refuse_aliasing({"--out": args.out}, {"--init": str(args.init).partition(":")[0], "--model": args.model,
                                           "--action": args.action})
+    check_output_parent(args.out)
     model = load_model(args.model)
     action = None
     if args.action:
@@ -458,6 +460,7 @@ def cmd_run(args) -> int:
     refuse_aliasing({"--out": out}, {k: v for k, v in inputs.items() if k != "CONFIG" and not Path(v).is_file()})
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; an ensemble writes a directory")
+    check_output_parent(out)
     with open_client(spec=spec) as client:       # an unreachable cluster fails before anything is written
         ens = resolve_embedded(ens, args.out)
         print(f"ensemble {ens.name}: {len(ens.members)} members, reference {ens.reference}", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import Iterable
 
 from .errors import UserError
 
-__all__ = ["AliasError", "refuse_aliasing", "refuse_existing"]
+__all__ = ["AliasError", "refuse_aliasing", "refuse_existing", "check_output_parent"]
 
 
 class AliasError(UserError, ValueError):
@@ -59,3 +59,15 @@ def refuse_existing(outputs: Iterable[str | Path], overwrite: bool, option: str 
     for out in outputs:
         if Path(out).exists() or Path(out).is_symlink():
             raise AliasError(f"{out} already exists; choose another {option} or pass --overwrite")
+
+
+def check_output_parent(out: str | Path) -> None:
+    """Raise :class:`AliasError` if a directory above ``out`` exists as something else (a file):
+    the output could not be created there (instead of ``[Errno 17] File exists``)."""
+    out = Path(out)
+    for parent in [out.parent, *out.parent.parents]:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise AliasError(f"cannot write {out}: {parent} is a file, not a directory; choose an output "
+                                 "elsewhere")
+            return

@@ -149,6 +149,21 @@ def test_outputs_never_alias_inputs(store, tmp_path, capsys):
     for args, message in cases:
         code, err = run_cli(args, capsys)
         assert code == 2 and message in err and "writing it would destroy the input" in err, (args, err)
+    # an output under a path that is a file: one line, nothing written (was "[Errno 17] File exists")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    ens = tmp_path / "e.toml"
+    ens.write_text(f'[ensemble]\nname = "x"\nreference = "{store}"\n[models]\nc = "{model}"\n'
+                   '[defaults]\nsteps = 4\ntemperature_K = 300.0\n')
+    for args in (["analyze", store, "--out", afile / "s.zarr"], ["export", store, "--out", afile / "x.extxyz"],
+                 ["report", store, f"{store}:1:4", "--out", afile / "rep"],
+                 ["simulate", "--model", model, "--init", f"{store}:2", "--out", afile / "sim.zarr", "--steps", "2",
+                  "--temperature-K", "300"],
+                 ["fit", store, "--kind", "agent", "--out", afile / "m.json"],
+                 ["run", ens, "--out", afile / "ens"]):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and f"{afile} is a file, not a directory" in err and err.count("\n") == 1, (args, err)
+    assert afile.read_text() == ""
     assert before == {p.name: tree_hash(p) for p in [store, run, model]}
     # writing a new store inside a run directory is fine: the directory is a container of inputs
     assert run_cli(["ingest", run, "--out", run / "new.zarr", *cell], capsys)[0] == 0

@@ -40,6 +40,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ..files import check_output_parent
 from .. import thermo
 from ..errors import UserError
 
@@ -153,6 +154,7 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not overwrite:
         raise StoreError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_output_parent(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
@@ -178,6 +180,7 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 def atomic_write_text(out: str | Path, text: str) -> Path:
     """Write a text file atomically: a temporary file beside ``out``, then rename over it."""
     out = Path(out)
+    check_output_parent(out)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.write_text(text)

@@ -32,6 +32,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ..files import check_output_parent
 from ..errors import UserError
 
 __all__ = ["ResumeError", "RunStore", "Checkpoint", "fingerprint", "CHECKPOINTS"]
@@ -95,6 +96,7 @@ class RunStore:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; choose another --out, pass --overwrite or --resume")
+        check_output_parent(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(path)
         tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
