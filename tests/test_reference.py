@@ -116,12 +116,21 @@ def test_reference_run_stop_and_resume_equals_uninterrupted(tmp_path):
                    cwd=tmp_path, capture_output=True)
     # interrupted with Ctrl-C after the restart at step 300, then resumed with the same command
     cmd = _cli("reference", cfg, "--out", tmp_path / "b.zarr", cwd=tmp_path)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ener = tmp_path / "b.zarr.cp2k" / "production" / "production-1.ener"
+    # SIGINT at its default in the child: a test run started in the background (nohup ... &) inherits
+    # it ignored, and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # interrupt once CP2K has written a production restart file past step 0 (its .ener is written in
+    # buffered bursts, so line counts lag; a restart file is complete when it is renamed into place)
+    restart = tmp_path / "b.zarr.cp2k" / "production" / "production-1.restart"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if ener.exists() and len(ener.read_text().splitlines()) > 330:
-            break
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            md = parse_input(restart.read_text()).section("MOTION/MD") if restart.exists() else None
+            if md is not None and int(md.keyword("STEP_START_VAL") or 0) >= 300:
+                break
+        except (OSError, ValueError):
+            pass                       # being written: look again
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
