@@ -10,15 +10,14 @@ import pytest
 import xarray as xr
 
 from ensemble.cli import main
-from ensemble.data import load_default
 from ensemble.diagnostics import _peak, compare_runs, run_diagnostics, vdos_upto
 from ensemble.fit.action import fit_action
-from ensemble.io.store import create_store, open_trajectory, write_frames
+from ensemble.io.store import open_trajectory
 from ensemble.md import initial_state, simulate
 from ensemble.md.action import ActionModel, default_features, load_action
 from ensemble.model import load_model
 
-from conftest import DATA
+from conftest import DATA, embedded_store
 
 MODEL = DATA / "models" / "conservative-c5.json"
 
@@ -26,12 +25,7 @@ MODEL = DATA / "models" / "conservative-c5.json"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """The embedded 128 H2O, 60 frames every 0.5 fs."""
-    ds = load_default().isel(frame=slice(200, 260))
-    path = tmp_path_factory.mktemp("act") / "ref.zarr"
-    create_store(path, ds.isel(frame=slice(0, 1)), 60, 30)
-    for a in (0, 30):
-        write_frames(path, ds.isel(frame=slice(a, a + 30)), a)
-    return path
+    return embedded_store(tmp_path_factory.mktemp("act") / "ref.zarr", 200, 260, 30)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, leftovers
+from conftest import DATA, ingested_dft, leftovers
 from ensemble.cli import main
 
 
@@ -32,10 +32,7 @@ def tree_hash(path: Path) -> str:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """The real CP2K DFT fixture (32 H2O, 5 steps) as a trajectory store."""
-    d = tmp_path_factory.mktemp("store")
-    out = d / "dft.zarr"
-    assert main(["ingest", str(DATA / "dft-h2o32"), "--out", str(out), "--cell", "9.8528", "9.8528", "9.8528"]) == 0
-    return out
+    return ingested_dft(tmp_path_factory.mktemp("store"))
 
 
 def damaged(store: Path, tmp_path: Path, how: str) -> Path:

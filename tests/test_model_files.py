@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, leftovers
+from conftest import DATA, ingested_dft, leftovers
 from ensemble.cli import main
 from ensemble.model import DIGEST_SCHEME, MAX_COEFFICIENT_EV, ModelError, load_model
 from test_errors import tree_hash
@@ -21,10 +21,7 @@ FIXTURE = DATA / "models" / "conservative-c5.json"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("store")
-    out = d / "dft.zarr"
-    assert main(["ingest", str(DATA / "dft-h2o32"), "--out", str(out), "--cell", "9.8528", "9.8528", "9.8528"]) == 0
-    return out
+    return ingested_dft(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from ensemble.data import load_default
 from ensemble.fit import FitConfig, Splits, fit_store
 from ensemble.invariants import EXPONENTIAL, GAUSSIAN, POWER, WeightSet
-from ensemble.io.store import create_store, write_frames
+from conftest import embedded_store
 from ensemble.md import initial_state
 from ensemble.screen import ScreenError, ScreenSettings, screen_candidates, with_ridge_scan
 
@@ -24,12 +23,7 @@ WS = WeightSet((EXPONENTIAL, EXPONENTIAL, GAUSSIAN, GAUSSIAN, POWER), (1.0, 0.5,
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """All 128 molecules, 80 frames of the embedded data."""
-    ds = load_default().isel(frame=slice(0, 80))
-    path = tmp_path_factory.mktemp("screen") / "ref.zarr"
-    create_store(path, ds.isel(frame=slice(0, 1)), 80, 40)
-    for a in (0, 40):
-        write_frames(path, ds.isel(frame=slice(a, a + 40)), a)
-    return path
+    return embedded_store(tmp_path_factory.mktemp("screen") / "ref.zarr", 0, 80, 40)
 
 
 def _cfg(**kw):

@@ -7,10 +7,10 @@ import pytest
 import xarray as xr
 from numpy.testing import assert_allclose
 
-from ensemble.data import load_default
 from ensemble.fit import FitConfig, Splits, fit_store
 from ensemble.invariants import EXPONENTIAL, GAUSSIAN, POWER, WeightSet, invariants_frame, species_index
-from ensemble.io.store import create_store, open_trajectory, write_frames
+from conftest import embedded_store
+from ensemble.io.store import open_trajectory
 from ensemble.md import SimulationError, initial_state, simulate, tile
 from ensemble.model import Model
 
@@ -20,12 +20,7 @@ WS = WeightSet((EXPONENTIAL, EXPONENTIAL, GAUSSIAN, GAUSSIAN, POWER), (1.0, 0.5,
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """All 128 molecules, 80 frames of the embedded data."""
-    ds = load_default().isel(frame=slice(0, 80))
-    path = tmp_path_factory.mktemp("sim") / "ref.zarr"
-    create_store(path, ds.isel(frame=slice(0, 1)), 80, 40)
-    for a in (0, 40):
-        write_frames(path, ds.isel(frame=slice(a, a + 40)), a)
-    return path
+    return embedded_store(tmp_path_factory.mktemp("sim") / "ref.zarr", 0, 80, 40)
 
 
 @pytest.fixture(scope="module")
