@@ -41,7 +41,8 @@ import xarray as xr
 from .invariants import check_cutoff, neighbour_pairs, orthorhombic_box, pair_geometry, species_index
 
 __all__ = ["AngularBasis", "AngularArrays", "AngularFrame", "default_angular_basis", "angular_frame",
-           "angular_features", "angular_jacobian", "angular_vjp", "neighbour_csr", "angular_dataset"]
+           "angular_features", "angular_jacobian", "angular_self_gradient",
+           "angular_design_scatter", "angular_vjp", "neighbour_csr", "angular_dataset"]
 
 COUPLINGS = ("diagonal", "all")
 
@@ -344,126 +345,229 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
     return x, t_all, dg_all, rad_all
 
 
+@njit(cache=True)
+def _jacobian_scratch(n_species, nr, l_max, nm):
+    """Work arrays of :func:`_entry_jacobian` (allocated once per kernel call)."""
+    nl = l_max + 1
+    return (np.empty(nm), np.empty((3, nm)), np.empty((3, l_max + 1)), np.empty((n_species, nr, nl)),
+            np.empty((n_species, nr, nl, 3)), np.empty((nl, 3)), np.empty((n_species, nr, nl, 3)),
+            np.empty((n_species, nr, nl, 3)), np.empty(nm), np.empty(nm), np.empty(nm), np.empty(nm))
+
+
 @njit(cache=True, fastmath=_FAST)
-def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p,
-                     mono_w, leg, channels):
-    """J (E, Q, 3): derivative of atom k's features w.r.t. d = q_k - q_nb[e] of each CSR entry e of k
-    (= d x[k] / d q_k from that neighbour; d x[k] / d q_nb[e] = -J[e])."""
-    n = start.shape[0] - 1
-    nr = mu.shape[0]
+def _entry_jacobian(e, si, tk, geo, rad_all, n_species, l_max, mono, mono_w, leg, channels, scratch, je):
+    """Write the Jacobian of atom k's features w.r.t. d = q_k - q_nb[e] of its entry e (neighbour of
+    species ``si``; ``tk`` = k's moments) into je (Q, 3): rho[si] and every channel with si among
+    its species. Other rows of je are left as they are (their derivative is zero)."""
+    um, dum, pw, g, dgv, ds, g1, g2, wum, wd0, wd1, wd2 = scratch
+    nr = rad_all.shape[2]
     nm = mono.shape[0]
     nl = l_max + 1
     nch = channels.shape[0]
-    q = n_species * nr + nch * nl
-    jac = np.zeros((start[n], q, 3))
-    um = np.empty(nm)
-    dum = np.empty((3, nm))
-    pw = np.empty((3, l_max + 1))
+    r = geo[e, 3]
+    u0 = geo[e, 0] / r
+    u1 = geo[e, 1] / r
+    u2 = geo[e, 2] / r
+    rad = rad_all[e, 0]
+    drad = rad_all[e, 1]
+    _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
+    for tt in range(nm):
+        wum[tt] = mono_w[tt] * um[tt]
+        wd0[tt] = mono_w[tt] * dum[0, tt]
+        wd1[tt] = mono_w[tt] * dum[1, tt]
+        wd2[tt] = mono_w[tt] * dum[2, tt]
     # per monomial degree p: g[b, m, p] = sum_{|alpha|=p} w T[b, m, alpha] u^alpha and its gradient in u
-    g = np.empty((n_species, nr, nl))
-    dgv = np.empty((n_species, nr, nl, 3))
-    ds = np.empty((nl, 3))
-    g1 = np.empty((n_species, nr, nl, 3))
-    g2 = np.empty((n_species, nr, nl, 3))
-    wum = np.empty(nm)
-    wd0 = np.empty(nm)
-    wd1 = np.empty(nm)
-    wd2 = np.empty(nm)
+    for b in range(n_species):
+        for mm in range(nr):
+            tb = tk[b, mm]
+            for p in range(nl):          # monomials are stored by degree: [p (p+1)(p+2)/6, ...)
+                s0 = 0.0
+                s1 = 0.0
+                s2 = 0.0
+                s3 = 0.0
+                for tt in range(p * (p + 1) * (p + 2) // 6, (p + 1) * (p + 2) * (p + 3) // 6):
+                    w = tb[tt]
+                    s0 += w * wum[tt]
+                    s1 += w * wd0[tt]
+                    s2 += w * wd1[tt]
+                    s3 += w * wd2[tt]
+                g[b, mm, p] = s0
+                dgv[b, mm, p, 0] = s1
+                dgv[b, mm, p, 1] = s2
+                dgv[b, mm, p, 2] = s3
+    # rho
+    for nn in range(nr):
+        f = si * nr + nn
+        je[f, 0] = drad[nn] * u0
+        je[f, 1] = drad[nn] * u1
+        je[f, 2] = drad[nn] * u2
+    # per (b, m, p): u g and (grad g - p g u) / r, shared by every channel that contracts with T[b, m]
+    for b in range(n_species):
+        for mm in range(nr):
+            for p in range(nl):
+                gp = g[b, mm, p]
+                g1[b, mm, p, 0] = u0 * gp
+                g1[b, mm, p, 1] = u1 * gp
+                g1[b, mm, p, 2] = u2 * gp
+                g2[b, mm, p, 0] = (dgv[b, mm, p, 0] - p * gp * u0) / r
+                g2[b, mm, p, 1] = (dgv[b, mm, p, 1] - p * gp * u1) / r
+                g2[b, mm, p, 2] = (dgv[b, mm, p, 2] - p * gp * u2) / r
+    for c in range(nch):
+        a = channels[c, 0]
+        b = channels[c, 1]
+        if a != si and b != si:
+            continue
+        nn = channels[c, 2]
+        mm = channels[c, 3]
+        # side 0: T[a, n] moves (if a == si), contracted with T[b, m]; side 1: T[b, m] with T[a, n]
+        for p in range(nl):
+            d0 = 0.0
+            d1 = 0.0
+            d2 = 0.0
+            if a == si:
+                ro = rad[nn]
+                dro = drad[nn]
+                d0 += dro * g1[b, mm, p, 0] + ro * g2[b, mm, p, 0]
+                d1 += dro * g1[b, mm, p, 1] + ro * g2[b, mm, p, 1]
+                d2 += dro * g1[b, mm, p, 2] + ro * g2[b, mm, p, 2]
+            if b == si:
+                ro = rad[mm]
+                dro = drad[mm]
+                d0 += dro * g1[a, nn, p, 0] + ro * g2[a, nn, p, 0]
+                d1 += dro * g1[a, nn, p, 1] + ro * g2[a, nn, p, 1]
+                d2 += dro * g1[a, nn, p, 2] + ro * g2[a, nn, p, 2]
+            ds[p, 0] = d0
+            ds[p, 1] = d1
+            ds[p, 2] = d2
+        dd = 0.0
+        if a == b:          # i = j terms removed: d(R_n R_m)/dr
+            dd = drad[nn] * rad[mm] + rad[nn] * drad[mm]
+        base = n_species * nr + c * nl
+        for l in range(nl):
+            v0 = -dd * u0
+            v1 = -dd * u1
+            v2 = -dd * u2
+            for p in range(l + 1):
+                cl = leg[l, p]
+                v0 += cl * ds[p, 0]
+                v1 += cl * ds[p, 1]
+                v2 += cl * ds[p, 2]
+            je[base + l, 0] = v0
+            je[base + l, 1] = v1
+            je[base + l, 2] = v2
+
+
+@njit(cache=True)
+def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p,
+                     mono_w, leg, channels):
+    """J (E, Q, 3): derivative of atom k's features w.r.t. d = q_k - q_nb[e] of each CSR entry e of k
+    (= d x[k] / d q_k from that neighbour; d x[k] / d q_nb[e] = -J[e]). E x Q x 3 values: the
+    design rows and self gradients use the fused kernels below instead, which never store it."""
+    n = start.shape[0] - 1
+    nr = mu.shape[0]
+    q = n_species * nr + channels.shape[0] * (l_max + 1)
+    jac = np.zeros((start[n], q, 3))
+    scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
     for k in range(n):
         for e in range(start[k], start[k + 1]):
-            si = species[nb[e]]
-            r = geo[e, 3]
-            u0 = geo[e, 0] / r
-            u1 = geo[e, 1] / r
-            u2 = geo[e, 2] / r
-            rad = rad_all[e, 0]
-            drad = rad_all[e, 1]
-            _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
-            for tt in range(nm):
-                wum[tt] = mono_w[tt] * um[tt]
-                wd0[tt] = mono_w[tt] * dum[0, tt]
-                wd1[tt] = mono_w[tt] * dum[1, tt]
-                wd2[tt] = mono_w[tt] * dum[2, tt]
-            for b in range(n_species):
-                for mm in range(nr):
-                    tb = t_all[k, b, mm]
-                    for p in range(nl):          # monomials are stored by degree: [p (p+1)(p+2)/6, ...)
-                        s0 = 0.0
-                        s1 = 0.0
-                        s2 = 0.0
-                        s3 = 0.0
-                        for tt in range(p * (p + 1) * (p + 2) // 6, (p + 1) * (p + 2) * (p + 3) // 6):
-                            w = tb[tt]
-                            s0 += w * wum[tt]
-                            s1 += w * wd0[tt]
-                            s2 += w * wd1[tt]
-                            s3 += w * wd2[tt]
-                        g[b, mm, p] = s0
-                        dgv[b, mm, p, 0] = s1
-                        dgv[b, mm, p, 1] = s2
-                        dgv[b, mm, p, 2] = s3
-            # rho
-            for nn in range(nr):
-                f = si * nr + nn
-                jac[e, f, 0] = drad[nn] * u0
-                jac[e, f, 1] = drad[nn] * u1
-                jac[e, f, 2] = drad[nn] * u2
-            # per (b, m, p): u g and (grad g - p g u) / r, shared by every channel that contracts with T[b, m]
-            for b in range(n_species):
-                for mm in range(nr):
-                    for p in range(nl):
-                        gp = g[b, mm, p]
-                        g1[b, mm, p, 0] = u0 * gp
-                        g1[b, mm, p, 1] = u1 * gp
-                        g1[b, mm, p, 2] = u2 * gp
-                        g2[b, mm, p, 0] = (dgv[b, mm, p, 0] - p * gp * u0) / r
-                        g2[b, mm, p, 1] = (dgv[b, mm, p, 1] - p * gp * u1) / r
-                        g2[b, mm, p, 2] = (dgv[b, mm, p, 2] - p * gp * u2) / r
-            for c in range(nch):
-                a = channels[c, 0]
-                b = channels[c, 1]
-                if a != si and b != si:
-                    continue
-                nn = channels[c, 2]
-                mm = channels[c, 3]
-                # side 0: T[a, n] moves (if a == si), contracted with T[b, m]; side 1: T[b, m] with T[a, n]
-                for p in range(nl):
-                    d0 = 0.0
-                    d1 = 0.0
-                    d2 = 0.0
-                    if a == si:
-                        ro = rad[nn]
-                        dro = drad[nn]
-                        d0 += dro * g1[b, mm, p, 0] + ro * g2[b, mm, p, 0]
-                        d1 += dro * g1[b, mm, p, 1] + ro * g2[b, mm, p, 1]
-                        d2 += dro * g1[b, mm, p, 2] + ro * g2[b, mm, p, 2]
-                    if b == si:
-                        ro = rad[mm]
-                        dro = drad[mm]
-                        d0 += dro * g1[a, nn, p, 0] + ro * g2[a, nn, p, 0]
-                        d1 += dro * g1[a, nn, p, 1] + ro * g2[a, nn, p, 1]
-                        d2 += dro * g1[a, nn, p, 2] + ro * g2[a, nn, p, 2]
-                    ds[p, 0] = d0
-                    ds[p, 1] = d1
-                    ds[p, 2] = d2
-                dd = 0.0
-                if a == b:          # i = j terms removed: d(R_n R_m)/dr
-                    dd = drad[nn] * rad[mm] + rad[nn] * drad[mm]
-                base = n_species * nr + c * nl
-                je = jac[e]
-                for l in range(nl):
-                    v0 = -dd * u0
-                    v1 = -dd * u1
-                    v2 = -dd * u2
-                    for p in range(l + 1):
-                        cl = leg[l, p]
-                        v0 += cl * ds[p, 0]
-                        v1 += cl * ds[p, 1]
-                        v2 += cl * ds[p, 2]
-                    je[base + l, 0] = v0
-                    je[base + l, 1] = v1
-                    je[base + l, 2] = v2
+            _entry_jacobian(e, species[nb[e]], t_all[k], geo, rad_all, n_species, l_max, mono, mono_w, leg, channels,
+                            scratch, jac[e])
     return jac
+
+
+@njit(cache=True)
+def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu, sigma, cutoff, width, l_max, mono,
+                          mono_p, mono_w, leg, channels):
+    """d x[k] / d q_k (N, Q, 3) with the other atoms fixed: the sum of k's entry Jacobians, each
+    computed in a scratch buffer (the agent kind's gradient)."""
+    n = start.shape[0] - 1
+    nr = mu.shape[0]
+    q = n_species * nr + channels.shape[0] * (l_max + 1)
+    out = np.zeros((n, q, 3))
+    je = np.zeros((q, 3))
+    scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
+    rel = relevant_features(n_species, nr, l_max, channels)
+    for k in range(n):
+        ok = out[k]
+        for e in range(start[k], start[k + 1]):
+            si = species[nb[e]]
+            _entry_jacobian(e, si, t_all[k], geo, rad_all, n_species, l_max, mono, mono_w, leg, channels, scratch, je)
+            for t in range(rel.shape[1]):
+                lo = rel[si, t, 0]
+                if lo < 0:
+                    break
+                for f in range(lo, rel[si, t, 1]):
+                    ok[f, 0] += je[f, 0]
+                    ok[f, 1] += je[f, 1]
+                    ok[f, 2] += je[f, 2]
+    return out
+
+
+@njit(cache=True)
+def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, block, out, n_species, mu, sigma, cutoff,
+                           width, l_max, mono, mono_p, mono_w, leg, channels):
+    """Add the angular linear columns of the conservative design to ``out`` (3N, >= S * block): entry
+    e of centre k (species s) adds -J[e] to k's rows and +J[e] to its neighbour's, in block s after
+    the ``n_pair`` pair features. J[e] is computed in a scratch buffer and used at once; k's own rows
+    are summed locally and written once."""
+    n = start.shape[0] - 1
+    nr = mu.shape[0]
+    q = n_species * nr + channels.shape[0] * (l_max + 1)
+    je = np.zeros((q, 3))
+    own = np.zeros((3, q))
+    scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
+    rel = relevant_features(n_species, nr, l_max, channels)
+    for k in range(n):
+        if start[k] == start[k + 1]:
+            continue
+        base = species[k] * block + n_pair
+        own[:] = 0.0
+        for e in range(start[k], start[k + 1]):
+            i = nb[e]
+            si = species[i]
+            _entry_jacobian(e, si, t_all[k], geo, rad_all, n_species, l_max, mono, mono_w, leg, channels, scratch, je)
+            for c in range(3):
+                ri = out[3 * i + c]
+                ok = own[c]
+                for t in range(rel.shape[1]):
+                    lo = rel[si, t, 0]
+                    if lo < 0:
+                        break
+                    for f in range(lo, rel[si, t, 1]):
+                        v = je[f, c]
+                        ri[base + f] += v
+                        ok[f] += v
+        for c in range(3):
+            rk = out[3 * k + c]
+            for f in range(q):
+                rk[base + f] -= own[c, f]
+
+
+@njit(cache=True)
+def relevant_features(n_species, nr, l_max, channels):
+    """(S, R, 2) int64: per neighbour species a, the [start, end) runs of angular features whose
+    derivative an entry with a neighbour of a can change (rho[a, :] and every channel with a among
+    its two species), padded with (-1, -1)."""
+    nl = l_max + 1
+    nch = channels.shape[0]
+    out = np.full((n_species, 1 + nch, 2), -1, np.int64)
+    width = 0
+    for a in range(n_species):
+        t = 0
+        out[a, 0, 0] = a * nr
+        out[a, 0, 1] = (a + 1) * nr
+        for c in range(nch):
+            if channels[c, 0] != a and channels[c, 1] != a:
+                continue
+            lo = n_species * nr + c * nl
+            if out[a, t, 1] == lo:
+                out[a, t, 1] = lo + nl
+            else:
+                t += 1
+                out[a, t, 0] = lo
+                out[a, t, 1] = lo + nl
+        width = max(width, t + 1)
+    return out[:, :width].copy()
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -580,25 +684,12 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
     return f_out
 
 
-@njit(cache=True)
-def _sum_entries(start, jac):
-    n = start.shape[0] - 1
-    out = np.zeros((n, jac.shape[1], 3))
-    for k in range(n):
-        for e in range(start[k], start[k + 1]):
-            for f in range(jac.shape[1]):
-                out[k, f, 0] += jac[e, f, 0]
-                out[k, f, 1] += jac[e, f, 1]
-                out[k, f, 2] += jac[e, f, 2]
-    return out
-
-
 # --------------------------------------------------------------------------- frame and dataset wrappers
 @dataclass(frozen=True)
 class AngularFrame:
     """Angular features of one frame and what their derivatives need: ``x`` (N, Q), the CSR
     neighbour list (``start``, ``nb``, ``geo``), the moments ``t``, the entries' radial values
-    ``rad`` (E, 2, N_r) and, if asked, ``jac`` (E, Q, 3)."""
+    ``rad`` (E, 2, N_r), the species codes and the basis arrays."""
 
     x: np.ndarray
     start: np.ndarray
@@ -606,20 +697,36 @@ class AngularFrame:
     geo: np.ndarray
     t: np.ndarray
     rad: np.ndarray
-    jac: np.ndarray | None = None
+    codes: np.ndarray
+    arr: "AngularArrays"
 
-    def vjp(self, codes: np.ndarray, arr: "AngularArrays", dh: np.ndarray, conservative: bool) -> np.ndarray:
+    def vjp(self, dh: np.ndarray, conservative: bool) -> np.ndarray:
         """Forces (N, 3) from dh = dE/dx (N, Q): see :func:`angular_vjp`."""
-        return angular_vjp(self.start, self.nb, self.geo, codes, self.t, self.rad, np.ascontiguousarray(dh),
-                           conservative, *arr.args())
+        return angular_vjp(self.start, self.nb, self.geo, self.codes, self.t, self.rad, np.ascontiguousarray(dh),
+                           conservative, *self.arr.args())
+
+    def jacobian(self) -> np.ndarray:
+        """J (E, Q, 3) of every entry (:func:`angular_jacobian`; E x Q x 3 values, for tests and the
+        generic scatter kernel)."""
+        return angular_jacobian(self.start, self.nb, self.geo, self.codes, self.t, self.rad, *self.arr.args())
 
     def self_gradient(self) -> np.ndarray:
         """d x[k] / d q_k (N, Q, 3) with all other atoms fixed (the agent kind's gradient)."""
-        return _sum_entries(self.start, self.jac)
+        return angular_self_gradient(self.start, self.nb, self.geo, self.codes, self.t, self.rad, *self.arr.args())
+
+    def add_design_columns(self, n_pair: int, block: int, out: np.ndarray) -> np.ndarray:
+        """Add the angular linear columns of the conservative design to ``out`` (:func:`angular_design_scatter`)."""
+        n, q = self.x.shape
+        if n_pair + q > block or out.ndim != 2 or out.shape[0] != 3 * n or out.shape[1] < self.arr.n_species * block:
+            raise ValueError(f"design rows of shape {out.shape} cannot hold {self.arr.n_species} blocks of {block} "
+                             f"columns with {q} angular features after {n_pair} pair features for {n} atoms")
+        angular_design_scatter(self.start, self.nb, self.geo, self.codes, self.t, self.rad, n_pair, block, out,
+                               *self.arr.args())
+        return out
 
 
 def angular_frame(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, arr: AngularArrays,
-                  pairs: np.ndarray | None = None, jacobian: bool = False) -> AngularFrame:
+                  pairs: np.ndarray | None = None) -> AngularFrame:
     """Angular features of one frame (positions (N, 3) Å, orthorhombic box (3,) Å, species codes (N,)).
 
     ``pairs``: candidate pairs (k < i) that include every pair within the cutoff (default: cell lists).
@@ -629,9 +736,9 @@ def angular_frame(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, arr: Angu
     if pairs is None:
         pairs = neighbour_pairs(pos, box, arr.cutoff)
     start, nb, geo = neighbour_csr(pairs, pos, box, arr.cutoff, arr.width, pos.shape[0])
+    codes = np.ascontiguousarray(codes)
     x, t, _, rad = angular_features(start, nb, geo, codes, *arr.args())
-    jac = angular_jacobian(start, nb, geo, codes, t, rad, *arr.args()) if jacobian else None
-    return AngularFrame(x, start, nb, geo, t, rad, jac)
+    return AngularFrame(x, start, nb, geo, t, rad, codes, arr)
 
 
 def angular_dataset(ds: xr.Dataset, basis: AngularBasis, *, species_order: list[str] | None = None) -> xr.Dataset:

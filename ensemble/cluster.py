@@ -253,15 +253,18 @@ def warm_kernels() -> str:
     from .angular import angular_frame, default_angular_basis
 
     arr = default_angular_basis(3.0).arrays(2)
-    fr = angular_frame(pos, box, sp, arr, jacobian=True)
-    fr.vjp(sp, arr, fr.x, True)
+    fr = angular_frame(pos, box, sp, arr)
+    fr.vjp(fr.x, True)
+    fr.jacobian()
+    fr.self_gradient()
+    fr.add_design_columns(0, fr.x.shape[1], np.zeros((9, 2 * fr.x.shape[1])))
     # many-body features, design rows of both kinds (scatter and BLAS paths), the prior, MD forces
     from .features import FeatureSpec, frame_terms
     from .fit.design import agent_feature_rows, conservative_feature_rows, conservative_rows_blas
     from .prior import ShortRangePrior
 
     spec = FeatureSpec(2, ws.subset([0, 9]), default_angular_basis(3.0), "pair", 3.0, 1.0)
-    terms = frame_terms(pos, box, sp, spec, jacobian=True)
+    terms = frame_terms(pos, box, sp, spec)
     width = 2 * spec.block + 1
     conservative_feature_rows(terms, sp, spec, np.zeros((9, width)))
     conservative_rows_blas(terms, sp, spec, np.zeros((9, width)))

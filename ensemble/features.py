@@ -247,10 +247,10 @@ class FrameTerms:
         return np.concatenate([pg, self.ang.self_gradient()], axis=1)
 
 
-def frame_terms(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, spec: FeatureSpec, *, jacobian: bool = False,
+def frame_terms(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, spec: FeatureSpec, *,
                 pairs: np.ndarray | None = None) -> FrameTerms:
-    """Features of one frame (positions (N, 3) Å, box (3,) Å, species codes (N,)); with ``jacobian``
-    also the angular Jacobian (design rows and self gradients need it, forces do not).
+    """Features of one frame (positions (N, 3) Å, box (3,) Å, species codes (N,)) and what their
+    derivatives need (the angular Jacobian is computed on demand, entry by entry, by its users).
 
     ``pairs``: candidate pairs (k < i) containing every pair within :meth:`FeatureSpec.reach_angstrom`
     (default: cell lists; paper mode: all pairs).
@@ -269,7 +269,7 @@ def frame_terms(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, spec: Featu
         return FrameTerms(phi, start, nb, geo, g, None)
     if cutoff <= 0:          # paper-mode pairs: the angular list needs its own candidates within its cutoff
         pairs = neighbour_pairs(pos, box, arr.cutoff)
-    ang = angular_frame(pos, box, codes, arr, pairs=pairs, jacobian=jacobian)
+    ang = angular_frame(pos, box, codes, arr, pairs=pairs)
     return FrameTerms(np.concatenate([phi, ang.x], axis=1), start, nb, geo, g, ang)
 
 
@@ -281,5 +281,5 @@ def feature_forces(terms: FrameTerms, codes: np.ndarray, spec: FeatureSpec, dh: 
     f = pair_csr_forces(terms.start, terms.nb, terms.geo, codes, terms.g, np.ascontiguousarray(dh[:, :p]),
                         conservative)
     if terms.ang is not None:
-        f += terms.ang.vjp(codes, spec.angular_arrays(), dh[:, p:], conservative)
+        f += terms.ang.vjp(dh[:, p:], conservative)
     return f

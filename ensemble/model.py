@@ -367,7 +367,7 @@ class Model:
             dh = self.dh_dphi(x, codes, blocks)
             f = forces_from_pair_terms(pairs, codes, len(kinds), np.ascontiguousarray(dh[:, :p]), g, d, conservative)
             if arr is not None:
-                f += fr.vjp(codes, arr, dh[:, p:], conservative)
+                f += fr.vjp(dh[:, p:], conservative)
             e = self._loss_sum(x, codes, blocks)
             if prior is not None:
                 ep, fp = prior_energy_forces(pos, bx, codes, onset, prior.epsilon_ev, prior.decay_angstrom, pairs)

@@ -113,7 +113,7 @@ def test_design_rows_predict_the_model_forces(water):
     model = random_manybody("conservative", quad_features=nq)
     j, l = spec.quadratic_pairs()
     coef = np.concatenate([np.concatenate([model.A[s], model.B[s][j, l]]) for s in range(2)])
-    terms = frame_terms(pos, box, codes, spec, jacobian=True)
+    terms = frame_terms(pos, box, codes, spec)
     x = conservative_feature_rows(terms, codes, spec)
     assert x.shape == (180, 2 * spec.block)
     assert_allclose(x @ coef, model.forces(pos, box, sp).ravel(), rtol=1e-9, atol=1e-10)
@@ -313,7 +313,7 @@ def test_blas_conservative_rows_equal_the_scatter_kernel(water, cutoff, angular,
     pos = ds["positions"].values[0]
     codes, _ = species_index(ds["species"].values, ["H", "O"])
     spec = FeatureSpec(2, WS, ANG if angular else None, quadratic, cutoff, 1.0)
-    terms = frame_terms(pos, np.diag(ds["cell"].values), codes, spec, jacobian=angular)
+    terms = frame_terms(pos, np.diag(ds["cell"].values), codes, spec)
     a = conservative_feature_rows(terms, codes, spec, np.zeros((360, 2 * spec.block + 1)))
     b = conservative_rows_blas(terms, codes, spec, np.zeros((360, 2 * spec.block + 1)))
     assert np.abs(a).max() > 1 and not a[:, -1].any()

@@ -108,7 +108,7 @@ def conservative_feature_rows(terms: FrameTerms, codes: np.ndarray, spec: Featur
         out = np.zeros((3 * n, spec.n_species * spec.block))
     adj_c, adj_p, adj_n = spec.adjacency()
     if terms.ang is not None:
-        a_start, a_nb, a_jac = terms.ang.start, terms.ang.nb, terms.ang.jac
+        a_start, a_nb, a_jac = terms.ang.start, terms.ang.nb, terms.ang.jacobian()
     else:
         a_start, a_nb, a_jac = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 1, 3))
     conservative_rows(codes, terms.x, terms.start, terms.nb, terms.geo, terms.g, a_start, a_nb, a_jac, spec.p,
@@ -118,165 +118,111 @@ def conservative_feature_rows(terms: FrameTerms, codes: np.ndarray, spec: Featur
 
 # --------------------------------------------------------------------------- conservative rows through BLAS
 @njit(cache=True)
-def _dense_pair_gradients(start, nb, geo, g, centres, n, out):
-    """out (n_c, N, M, 3): entry (k, i) of centre k = centres[c] -> g_m(r_ki) (q_k - q_i), the derivative
-    of k's pair term in phi[k, (s_i, m)] w.r.t. q_k (zero where i is not a neighbour). Each centre's
-    row is cleared and filled while it is in cache."""
+def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_features, qj, ql, out):
+    """Pair columns (linear and quadratic over pair features) of every species block of the
+    conservative design, one atom's three rows at a time, with the sums over neighbours as small
+    BLAS products (``out`` rows (3N, >= S * block); the pair columns are written, not added).
+
+    For atom i and centre species s, B_s[j, (m, c)] = sum over i's entries e with a neighbour k of s
+    of x_j[k] g_m(r_ik) (q_i - q_k)_c, and B_s[P, (m, c)] the same with 1 for x_j[k] (= d phi_(s, m)[i]
+    / d q_i, the self gradient, since the list is symmetric). Row (i, c) of block s:
+    linear f = (a, m): -[s_i = a] B_s[P, m] - [s_i = s] B_a[P, m];
+    quadratic (j, l), l = (a_l, m_l): -(Y[j, l] + Y[l, j]) (diagonal -Y[f, f]) with
+    Y[j, l] = [s_i = s] x_j[i] B_(a_l)[P, m_l] + [s_i = a_l] B_s[j, m_l]."""
+    n = x.shape[0]
     m_w = g.shape[1]
-    for c in range(centres.shape[0]):
-        k = centres[c]
-        row = out[c]
-        row[:] = 0.0
-        for e in range(start[k], start[k + 1]):
-            i = nb[e]
+    p = n_species * m_w
+    mc = 3 * m_w
+    nq = qj.shape[0]
+    width = 1
+    for k in range(n):
+        width = max(width, start[k + 1] - start[k])
+    xg = np.empty((n_species, width, p + 1))
+    gg = np.empty((n_species, width, mc))
+    b = np.zeros((n_species, p + 1, mc))
+    cnt = np.zeros(n_species, np.int64)
+    aj = np.empty(nq, np.int64)
+    mj = np.empty(nq, np.int64)
+    al = np.empty(nq, np.int64)
+    ml = np.empty(nq, np.int64)
+    for q in range(nq):
+        aj[q] = qj[q] // m_w
+        mj[q] = 3 * (qj[q] - aj[q] * m_w)
+        al[q] = ql[q] // m_w
+        ml[q] = 3 * (ql[q] - al[q] * m_w)
+    for i in range(n):
+        cnt[:] = 0
+        for e in range(start[i], start[i + 1]):
+            k = nb[e]
+            s = species[k]
+            r = cnt[s]
+            cnt[s] = r + 1
+            xr = xg[s, r]
+            for j in range(p):
+                xr[j] = x[k, j]
+            xr[p] = 1.0
+            gr = gg[s, r]
             d0 = geo[e, 0]
             d1 = geo[e, 1]
             d2 = geo[e, 2]
-            for mm in range(m_w):
-                gm = g[e, mm]
-                row[i, mm, 0] += gm * d0
-                row[i, mm, 1] += gm * d1
-                row[i, mm, 2] += gm * d2
-    return out
-
-
-@njit(cache=True)
-def _scatter_angular(species, a_start, a_nb, a_jac, ranges, n_pair, block, out):
-    """Angular linear columns: entry e of centre k (species s) adds -J[e] to k's rows and +J[e] to its
-    neighbour's, in block s after the pair features. ``ranges[a]`` holds the [start, end) runs of
-    angular features a neighbour of species a can move (rho[a] and the channels with a; (-1, -1)
-    pads); k's rows are summed locally and written once."""
-    n = a_start.shape[0] - 1
-    q = a_jac.shape[1]
-    own = np.zeros((3, q))
-    for k in range(n):
-        if a_start[k] == a_start[k + 1]:
-            continue
-        base = species[k] * block + n_pair
-        own[:] = 0.0
-        for e in range(a_start[k], a_start[k + 1]):
-            i = a_nb[e]
-            rg = ranges[species[i]]
-            je = a_jac[e]
-            for c in range(3):
-                ri = out[3 * i + c]
-                ok = own[c]
-                for t in range(rg.shape[0]):
-                    lo = rg[t, 0]
-                    if lo < 0:
-                        break
-                    for fa in range(lo, rg[t, 1]):
-                        v = je[fa, c]
-                        ri[base + fa] += v
-                        ok[fa] += v
-        for c in range(3):
-            rk = out[3 * k + c]
-            for fa in range(q):
-                rk[base + fa] -= own[c, fa]
-
-
-def relevant_angular_features(basis, n_species: int) -> np.ndarray:
-    """(S, R, 2) int64: per neighbour species a, the [start, end) runs of angular features whose
-    derivative can be nonzero (rho[a, :] and every psi channel with a among its two species),
-    padded with (-1, -1)."""
-    nr, nl = basis.n_radial, basis.l_max + 1
-    runs = []
-    for a in range(n_species):
-        idx = [a * nr + r for r in range(nr)]
-        for c, (ca, cb, _, _) in enumerate(basis.channels(n_species)):
-            if a in (ca, cb):
-                idx += [n_species * nr + c * nl + l for l in range(nl)]
-        r = []
-        for v in idx:
-            if r and r[-1][1] == v:
-                r[-1][1] = v + 1
+            for m in range(m_w):
+                gm = g[e, m]
+                gr[3 * m] = gm * d0
+                gr[3 * m + 1] = gm * d1
+                gr[3 * m + 2] = gm * d2
+        for s in range(n_species):
+            if cnt[s] > 0:
+                np.dot(xg[s, :cnt[s]].T, gg[s, :cnt[s]], b[s])
             else:
-                r.append([v, v + 1])
-        runs.append(r)
-    width = max(len(r) for r in runs)
-    out = np.full((n_species, width, 2), -1, np.int64)
-    for a, r in enumerate(runs):
-        out[a, :len(r)] = r
-    return out
-
-
-@njit(cache=True)
-def _assemble_pair_block(species, s, x, sg, r_s, q_s, qj, ql, n_pair, m_w, col0, colq, out):
-    """Write block s's pair columns: linear f = (a, m) and quadratic (j, l) over pair features.
-
-    Row (i, c): linear -d/dq_i sum_{k of s} phi_f[k] = [s_i = a] R_s[i, m] - [s_i = s] SG[i, f];
-    Y[j, f] = sum_{k of s} x_j[k] d phi_f[k] / dq_i = [s_i = s] x_j[i] SG[i, f] - [s_i = a] Q_s[j, i, m];
-    quadratic column (j, l): -(Y[j, l] + Y[l, j]), diagonal -Y[f, f] (the 1/2 x_f^2 column); linear
-    columns from ``col0``, quadratic ones from ``colq``.
-    """
-    n = x.shape[0]
-    nq = qj.shape[0]
-    for i in range(n):
+                b[s, :, :] = 0.0
         si = species[i]
-        own = si == s
+        xi = x[i]
         for c in range(3):
-            row = 3 * i + c
-            for f in range(n_pair):
-                a = f // m_w
-                m = f - a * m_w
-                v = 0.0
-                if si == a:
-                    v += r_s[i, m, c]
-                if own:
-                    v -= sg[i, f, c]
-                out[row, col0 + f] = v
-            for q in range(nq):
-                j = qj[q]
-                l = ql[q]
-                aj = j // m_w
-                al = l // m_w
-                # Y[j, l]
-                y = 0.0
-                if own:
-                    y += x[i, j] * sg[i, l, c]
-                if si == al:
-                    y -= q_s[j, i, l - al * m_w, c]
-                if j != l:
+            row = out[3 * i + c]
+            for s in range(n_species):
+                own = si == s
+                col0 = s * block
+                colq = col0 + n_features
+                bs = b[s]
+                for f in range(p):
+                    a = f // m_w
+                    m3 = 3 * (f - a * m_w) + c
+                    v = 0.0
+                    if si == a:
+                        v -= bs[p, m3]
                     if own:
-                        y += x[i, l] * sg[i, j, c]
-                    if si == aj:
-                        y -= q_s[l, i, j - aj * m_w, c]
-                out[row, colq + q] = -y
-
-
-#: dense per-species pair gradients up to this many float64 values (larger systems scatter instead)
-DENSE_PAIR_LIMIT = 2 ** 24
+                        v -= b[a, p, m3]
+                    row[col0 + f] = v
+                for q in range(nq):
+                    j = qj[q]
+                    l = ql[q]
+                    y = 0.0
+                    if own:
+                        y += xi[j] * b[al[q], p, ml[q] + c]
+                    if si == al[q]:
+                        y += bs[j, ml[q] + c]
+                    if j != l:
+                        if own:
+                            y += xi[l] * b[aj[q], p, mj[q] + c]
+                        if si == aj[q]:
+                            y += bs[l, mj[q] + c]
+                    row[colq + q] = -y
 
 
 def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSpec, out: np.ndarray) -> np.ndarray:
-    """The conservative design of one frame, like :func:`conservative_feature_rows`, with the pair
-    block (linear and quadratic) from one BLAS product per centre species, Q_s = X_s^T G_s, and the
-    angular linear columns scattered from the Jacobian. Falls back to the scatter kernel when
-    quadratic columns involve angular features or the dense gradients would exceed
-    :data:`DENSE_PAIR_LIMIT` values. ``out`` (3N, >= S * block) must be zeroed."""
-    from ..features import pair_self_gradient
-
-    n = terms.x.shape[0]
-    s_n = spec.n_species
-    m_w = len(spec.weights)
+    """The conservative design of one frame, like :func:`conservative_feature_rows`: the pair block
+    (linear and quadratic) from :func:`conservative_pair_rows`, the angular linear columns scattered
+    from the Jacobian. Falls back to the scatter kernel when quadratic columns involve angular
+    features. ``out`` (3N, >= S * block) must be zeroed."""
     p = spec.p
+    n = terms.x.shape[0]
+    if out.ndim != 2 or out.shape[0] != 3 * n or out.shape[1] < spec.n_species * spec.block:
+        raise ValueError(f"design rows of shape {out.shape}: expected ({3 * n}, >= {spec.n_species * spec.block})")
     qj, ql = spec.quadratic_pairs()
-    if (qj.size and max(qj.max(), ql.max()) >= p) or max(np.sum(codes == s) for s in range(s_n)) * n * m_w * 3 > DENSE_PAIR_LIMIT:
+    if qj.size and max(qj.max(), ql.max()) >= p:
         return conservative_feature_rows(terms, codes, spec, out)
-    sg = pair_self_gradient(terms.start, terms.nb, terms.geo, codes, s_n, terms.g)       # (N, P, 3)
-    sizes = [int(np.sum(codes == s)) for s in range(s_n)]
-    work = np.empty(max(sizes) * n * m_w * 3)
-    for s in range(s_n):
-        centres = np.flatnonzero(codes == s)
-        g_s = _dense_pair_gradients(terms.start, terms.nb, terms.geo, terms.g, centres, n,
-                                    work[:centres.size * n * m_w * 3].reshape(centres.size, n, m_w, 3))
-        r_s = g_s.sum(axis=0)
-        q_s = (np.ascontiguousarray(terms.x[centres, :p].T) @ g_s.reshape(centres.size, -1)).reshape(p, n, m_w, 3)
-        _assemble_pair_block(codes, s, terms.x, sg, r_s, q_s, qj, ql, p, m_w, s * spec.block,
-                             s * spec.block + spec.n_features, out)
+    conservative_pair_rows(codes, terms.x, terms.start, terms.nb, terms.geo, terms.g, spec.n_species, spec.block,
+                           spec.n_features, qj, ql, out)
     if terms.ang is not None:
-        rel = spec._cache.get("relevant")
-        if rel is None:
-            rel = spec._cache["relevant"] = relevant_angular_features(spec.angular, s_n)
-        _scatter_angular(codes, terms.ang.start, terms.ang.nb, terms.ang.jac, rel, p, spec.block, out)
+        terms.ang.add_design_columns(p, spec.block, out)
     return out

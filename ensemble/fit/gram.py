@@ -312,15 +312,19 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     counts = np.bincount(codes, minlength=s_n)
     first = np.concatenate([[0], np.cumsum(counts)])
     z = np.zeros((3 * n, c + 1)) if kind == "conservative" else None
+    # row buffers and the Gram product, allocated and touched once per chunk (fresh pages fault on
+    # first touch, which costs as much as the copy itself)
+    zbuf = [np.zeros((min(batch, f) * 3 * counts[s], c + 1)) for s in range(s_n)]
+    prod = np.zeros((c + 1, c + 1))
     for a0 in range(0, f, batch):
         frames = [t for t in range(a0, min(a0 + batch, f)) if split[t] >= 0]
         for sp in range(3):
             sel = [t for t in frames if split[t] == sp]
             if not sel:
                 continue
-            zs = [np.empty((len(sel) * 3 * counts[s], c + 1)) for s in range(s_n)]
+            zs = [zbuf[s][:len(sel) * 3 * counts[s]] for s in range(s_n)]
             for q, t in enumerate(sel):
-                terms = frame_terms(pos[t], box[t], codes, spec, jacobian=spec.angular is not None)
+                terms = frame_terms(pos[t], box[t], codes, spec)
                 y = np.array(target[t], dtype=float)
                 if prior is not None:
                     fp = prior_energy_forces(pos[t], box[t], codes, prior[0], prior[1], prior[2],
@@ -341,7 +345,7 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                         agent_feature_rows(np.ascontiguousarray(terms.x[at]), np.ascontiguousarray(grad[at]), qj, ql,
                                            np.ascontiguousarray(y[at]), scales[s], zs[s][q * nr:(q + 1) * nr])
             for s in range(s_n):
-                out[0, s, sp] += zs[s].T @ zs[s]
+                out[0, s, sp] += np.matmul(zs[s].T, zs[s], out=prod)
     return out
 
 
