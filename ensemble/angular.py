@@ -42,7 +42,7 @@ from .invariants import check_cutoff, neighbour_pairs, orthorhombic_box, pair_ge
 
 __all__ = ["AngularBasis", "AngularArrays", "AngularFrame", "default_angular_basis", "angular_frame",
            "angular_features", "angular_jacobian", "angular_self_gradient",
-           "angular_design_scatter", "angular_vjp", "neighbour_csr", "angular_dataset"]
+           "angular_design_scatter", "angular_vjp", "angular_linear_forces", "neighbour_csr", "angular_dataset"]
 
 COUPLINGS = ("diagonal", "all")
 
@@ -267,11 +267,15 @@ def _radial(mu, sigma, r, fc, dfc, rad, drad):
 
 @njit(cache=True, fastmath=_FAST)
 def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
-    """u^alpha (n_mono,) and its gradient in u, unconstrained, as (3, n_mono); ``pw`` (3, l_max + 1) scratch."""
-    pw[0, 0] = 1.0
-    pw[1, 0] = 1.0
-    pw[2, 0] = 1.0
-    for e in range(1, l_max + 1):
+    """u^alpha (n_mono,) and its gradient in u, unconstrained, as (3, n_mono); ``pw`` (3, l_max + 2)
+    scratch holding 0, 1, u, u^2, ... so that the derivative a u^(a - 1) needs no branch."""
+    pw[0, 0] = 0.0
+    pw[1, 0] = 0.0
+    pw[2, 0] = 0.0
+    pw[0, 1] = 1.0
+    pw[1, 1] = 1.0
+    pw[2, 1] = 1.0
+    for e in range(2, l_max + 2):
         pw[0, e] = pw[0, e - 1] * u0
         pw[1, e] = pw[1, e - 1] * u1
         pw[2, e] = pw[2, e - 1] * u2
@@ -279,10 +283,61 @@ def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
         a = mono[t, 0]
         b = mono[t, 1]
         c = mono[t, 2]
-        um[t] = pw[0, a] * pw[1, b] * pw[2, c]
-        dum[0, t] = a * pw[0, a - 1] * pw[1, b] * pw[2, c] if a > 0 else 0.0
-        dum[1, t] = b * pw[0, a] * pw[1, b - 1] * pw[2, c] if b > 0 else 0.0
-        dum[2, t] = c * pw[0, a] * pw[1, b] * pw[2, c - 1] if c > 0 else 0.0
+        xa = pw[0, a + 1]
+        xb = pw[1, b + 1]
+        xc = pw[2, c + 1]
+        um[t] = xa * xb * xc
+        dum[0, t] = a * pw[0, a] * xb * xc
+        dum[1, t] = b * xa * pw[1, b] * xc
+        dum[2, t] = c * xa * xb * pw[2, c]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _entry_moments(e, r, geo, mu, sigma, l_max, mono, pw, rad, drad, um, dum, tka, dgka):
+    """Radial values and monomials of entry e (into rad, drad, um, dum) added to the centre's moments
+    of the neighbour's species: T[n, alpha] += R_n u^alpha, Dg[n, m] += R_n R_m."""
+    nr = mu.shape[0]
+    nm = mono.shape[0]
+    _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, drad)
+    _monomials(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, pw, um, dum)
+    for nn in range(nr):
+        rn = rad[nn]
+        row = tka[nn]
+        for tt in range(nm):
+            row[tt] += rn * um[tt]
+        drow = dgka[nn]
+        for mm in range(nr):
+            drow[mm] += rn * rad[mm]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, xk):
+    """One centre's features (Q,) from its moments T (S, N_r, n_mono) and diagonal sums Dg."""
+    nr = tk.shape[1]
+    nm = tk.shape[2]
+    nl = l_max + 1
+    for a in range(n_species):
+        for nn in range(nr):
+            xk[a * nr + nn] = tk[a, nn, 0]
+    for c in range(channels.shape[0]):
+        a = channels[c, 0]
+        b = channels[c, 1]
+        nn = channels[c, 2]
+        mm = channels[c, 3]
+        ta = tk[a, nn]
+        tb = tk[b, mm]
+        for p in range(nl):             # monomials are stored by degree: [p (p+1)(p+2)/6, ...)
+            v = 0.0
+            for tt in range(p * (p + 1) * (p + 2) // 6, (p + 1) * (p + 2) * (p + 3) // 6):
+                v += mono_w[tt] * ta[tt] * tb[tt]
+            s_p[p] = v
+        diag = dgk[a, nn, mm] if a == b else 0.0
+        base = n_species * nr + c * nl
+        for l in range(nl):
+            v = 0.0
+            for p in range(l + 1):
+                v += leg[l, p] * s_p[p]
+            xk[base + l] = v - diag
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -295,53 +350,21 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
     nr = mu.shape[0]
     nm = mono.shape[0]
     nl = l_max + 1
-    nch = channels.shape[0]
-    q = n_species * nr + nch * nl
+    q = n_species * nr + channels.shape[0] * nl
     x = np.zeros((n, q))
     t_all = np.zeros((n, n_species, nr, nm))
     dg_all = np.zeros((n, n_species, nr, nr))
     rad_all = np.empty((start[n], 2, nr))
     um = np.empty(nm)
     dum = np.empty((3, nm))
-    pw = np.empty((3, l_max + 1))
-    wt = mono_w.copy()
+    pw = np.empty((3, l_max + 2))
     s_p = np.empty(nl)
     for k in range(n):
         for e in range(start[k], start[k + 1]):
             a = species[nb[e]]
-            r = geo[e, 3]
-            rad = rad_all[e, 0]
-            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, rad_all[e, 1])
-            _monomials(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, pw, um, dum)
-            for nn in range(nr):
-                rn = rad[nn]
-                row = t_all[k, a, nn]
-                for tt in range(nm):
-                    row[tt] += rn * um[tt]
-                drow = dg_all[k, a, nn]
-                for mm in range(nr):
-                    drow[mm] += rn * rad[mm]
-        for a in range(n_species):
-            for nn in range(nr):
-                x[k, a * nr + nn] = t_all[k, a, nn, 0]
-        for c in range(nch):
-            a = channels[c, 0]
-            b = channels[c, 1]
-            nn = channels[c, 2]
-            mm = channels[c, 3]
-            ta = t_all[k, a, nn]
-            tb = t_all[k, b, mm]
-            for p in range(nl):
-                s_p[p] = 0.0
-            for tt in range(nm):
-                s_p[mono_p[tt]] += wt[tt] * ta[tt] * tb[tt]
-            diag = dg_all[k, a, nn, mm] if a == b else 0.0
-            base = n_species * nr + c * nl
-            for l in range(nl):
-                v = 0.0
-                for p in range(l + 1):
-                    v += leg[l, p] * s_p[p]
-                x[k, base + l] = v - diag
+            _entry_moments(e, geo[e, 3], geo, mu, sigma, l_max, mono, pw, rad_all[e, 0], rad_all[e, 1], um, dum,
+                           t_all[k, a], dg_all[k, a])
+        _centre_features(t_all[k], dg_all[k], n_species, l_max, mono_p, mono_w, leg, channels, s_p, x[k])
     return x, t_all, dg_all, rad_all
 
 
@@ -349,7 +372,7 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
 def _jacobian_scratch(n_species, nr, l_max, nm):
     """Work arrays of :func:`_entry_jacobian` (allocated once per kernel call)."""
     nl = l_max + 1
-    return (np.empty(nm), np.empty((3, nm)), np.empty((3, l_max + 1)), np.empty((n_species, nr, nl)),
+    return (np.empty(nm), np.empty((3, nm)), np.empty((3, l_max + 2)), np.empty((n_species, nr, nl)),
             np.empty((n_species, nr, nl, 3)), np.empty((nl, 3)), np.empty((n_species, nr, nl, 3)),
             np.empty((n_species, nr, nl, 3)), np.empty(nm), np.empty(nm), np.empty(nm), np.empty(nm))
 
@@ -571,6 +594,82 @@ def relevant_features(n_species, nr, l_max, channels):
 
 
 @njit(cache=True, fastmath=_FAST)
+def _centre_adjoint(tk, dhk, n_species, l_max, mono_p, mono_w, leg, channels, gadj, wdiag, wp):
+    """dE_k / dT[a, n, alpha] (gadj) and dE_k / dDg[a, n, m] (wdiag) of one centre from its moments
+    and dh = dE_k / dx_k (Q,)."""
+    nr = tk.shape[1]
+    nm = tk.shape[2]
+    nl = l_max + 1
+    gadj[:] = 0.0
+    wdiag[:] = 0.0
+    for a in range(n_species):
+        for nn in range(nr):
+            gadj[a, nn, 0] += dhk[a * nr + nn]
+    for c in range(channels.shape[0]):
+        a = channels[c, 0]
+        b = channels[c, 1]
+        nn = channels[c, 2]
+        mm = channels[c, 3]
+        base = n_species * nr + c * nl
+        tot = 0.0
+        for p in range(nl):
+            wp[p] = 0.0
+        for l in range(nl):
+            h = dhk[base + l]
+            tot += h
+            for p in range(l + 1):
+                wp[p] += h * leg[l, p]
+        if a == b:
+            wdiag[a, nn, mm] -= tot
+        ta = tk[a, nn]
+        tb = tk[b, mm]
+        ga = gadj[a, nn]
+        gb = gadj[b, mm]
+        for p in range(nl):
+            wpp = wp[p]
+            for tt in range(p * (p + 1) * (p + 2) // 6, (p + 1) * (p + 2) * (p + 3) // 6):
+                w = wpp * mono_w[tt]
+                ga[tt] += w * tb[tt]
+                gb[tt] += w * ta[tt]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _entry_gradient(r, u0, u1, u2, rad, drad, um, dum, gs, ws, mono_p, wr, wd):
+    """v = dE_k / dd of one entry (d = q_k - q_nb) from the centre's adjoint restricted to the
+    neighbour's species (gs = gadj[s_nb], ws = wdiag[s_nb]) and the entry's radial values and monomials."""
+    nr = rad.shape[0]
+    nm = um.shape[0]
+    # combine the adjoint over radial functions first: W = sum_n R_n G[n], W' = sum_n R'_n G[n]
+    for tt in range(nm):
+        wr[tt] = 0.0
+        wd[tt] = 0.0
+    dw = 0.0
+    for nn in range(nr):
+        rn = rad[nn]
+        dn = drad[nn]
+        gr = gs[nn]
+        for tt in range(nm):
+            wr[tt] += rn * gr[tt]
+            wd[tt] += dn * gr[tt]
+        for mm in range(nr):
+            # Dg[a, n, m] = sum R_n R_m is stored for n <= m channels only
+            dw += ws[nn, mm] * (dn * rad[mm] + rn * drad[mm])
+    sg = 0.0
+    spg = 0.0
+    d0 = 0.0
+    d1 = 0.0
+    d2 = 0.0
+    for tt in range(nm):
+        sg += wd[tt] * um[tt]
+        spg += wr[tt] * mono_p[tt] * um[tt]
+        d0 += wr[tt] * dum[0, tt]
+        d1 += wr[tt] * dum[1, tt]
+        d2 += wr[tt] * dum[2, tt]
+    radial_u = sg - spg / r + dw        # coefficient of u
+    return radial_u * u0 + d0 / r, radial_u * u1 + d1 / r, radial_u * u2 + d2 / r
+
+
+@njit(cache=True)
 def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_species, mu, sigma, cutoff, width, l_max,
                 mono, mono_p, mono_w, leg, channels):
     """Forces (N, 3) from dh[k, f] = dE/dx_f[k] (only the angular block, (N, Q)) without the Jacobian.
@@ -581,50 +680,19 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
     n = start.shape[0] - 1
     nr = mu.shape[0]
     nm = mono.shape[0]
-    nl = l_max + 1
-    nch = channels.shape[0]
     f_out = np.zeros((n, 3))
     gadj = np.empty((n_species, nr, nm))     # dE_k / dT[a, n, alpha]
     wdiag = np.empty((n_species, nr, nr))    # dE_k / dDg[a, n, m]
-    wp = np.empty(nl)
+    wp = np.empty(l_max + 1)
     um = np.empty(nm)
-    pum = np.empty(nm)
     dum = np.empty((3, nm))
-    pw = np.empty((3, l_max + 1))
+    pw = np.empty((3, l_max + 2))
     wr = np.empty(nm)
     wd = np.empty(nm)
     for k in range(n):
         if start[k] == start[k + 1]:
             continue
-        gadj[:] = 0.0
-        wdiag[:] = 0.0
-        for a in range(n_species):
-            for nn in range(nr):
-                gadj[a, nn, 0] += dh[k, a * nr + nn]
-        for c in range(nch):
-            a = channels[c, 0]
-            b = channels[c, 1]
-            nn = channels[c, 2]
-            mm = channels[c, 3]
-            base = n_species * nr + c * nl
-            tot = 0.0
-            for p in range(nl):
-                wp[p] = 0.0
-            for l in range(nl):
-                h = dh[k, base + l]
-                tot += h
-                for p in range(l + 1):
-                    wp[p] += h * leg[l, p]
-            if a == b:
-                wdiag[a, nn, mm] -= tot
-            ta = t_all[k, a, nn]
-            tb = t_all[k, b, mm]
-            ga = gadj[a, nn]
-            gb = gadj[b, mm]
-            for tt in range(nm):
-                w = wp[mono_p[tt]] * mono_w[tt]
-                ga[tt] += w * tb[tt]
-                gb[tt] += w * ta[tt]
+        _centre_adjoint(t_all[k], dh[k], n_species, l_max, mono_p, mono_w, leg, channels, gadj, wdiag, wp)
         f0 = 0.0
         f1 = 0.0
         f2 = 0.0
@@ -634,41 +702,9 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
             u0 = geo[e, 0] / r
             u1 = geo[e, 1] / r
             u2 = geo[e, 2] / r
-            rad = rad_all[e, 0]
-            drad = rad_all[e, 1]
             _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
-            for tt in range(nm):
-                pum[tt] = mono_p[tt] * um[tt]
-            # combine the adjoint over radial functions first: W = sum_n R_n G[n], W' = sum_n R'_n G[n]
-            for tt in range(nm):
-                wr[tt] = 0.0
-                wd[tt] = 0.0
-            dw = 0.0
-            for nn in range(nr):
-                rn = rad[nn]
-                dn = drad[nn]
-                gr = gadj[si, nn]
-                for tt in range(nm):
-                    wr[tt] += rn * gr[tt]
-                    wd[tt] += dn * gr[tt]
-                for mm in range(nr):
-                    # Dg[a, n, m] = sum R_n R_m is stored for n <= m channels only
-                    dw += wdiag[si, nn, mm] * (dn * rad[mm] + rn * drad[mm])
-            sg = 0.0
-            spg = 0.0
-            d0 = 0.0
-            d1 = 0.0
-            d2 = 0.0
-            for tt in range(nm):
-                sg += wd[tt] * um[tt]
-                spg += wr[tt] * pum[tt]
-                d0 += wr[tt] * dum[0, tt]
-                d1 += wr[tt] * dum[1, tt]
-                d2 += wr[tt] * dum[2, tt]
-            radial_u = sg - spg / r + dw        # coefficient of u
-            v0 = radial_u * u0 + d0 / r
-            v1 = radial_u * u1 + d1 / r
-            v2 = radial_u * u2 + d2 / r
+            v0, v1, v2 = _entry_gradient(r, u0, u1, u2, rad_all[e, 0], rad_all[e, 1], um, dum, gadj[si], wdiag[si],
+                                         mono_p, wr, wd)
             # v = dE_k / dd_e: dE_k/dq_k += v, dE_k/dq_i -= v
             f0 -= v0
             f1 -= v1
@@ -682,6 +718,71 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
         f_out[k, 1] += f1
         f_out[k, 2] += f2
     return f_out
+
+
+@njit(cache=True)
+def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, mu, sigma, cutoff, width, l_max, mono,
+                          mono_p, mono_w, leg, channels):
+    """Features x (N, Q) and forces (N, 3) in one pass per centre, for an energy linear in the
+    angular features: dh (S, Q) = dE_k / dx_k for a centre of each species (a constant). Each
+    centre's radial values and monomials are computed once, kept for its own entries, and used for
+    the moments, then for the forces (:func:`angular_features` + :func:`angular_vjp` without the
+    per-frame moment and radial arrays or a second evaluation)."""
+    n = start.shape[0] - 1
+    nr = mu.shape[0]
+    nm = mono.shape[0]
+    nl = l_max + 1
+    q = n_species * nr + channels.shape[0] * nl
+    most = 1
+    for k in range(n):
+        most = max(most, start[k + 1] - start[k])
+    e_rad = np.empty((most, 2, nr))
+    e_um = np.empty((most, nm))
+    e_dum = np.empty((most, 3, nm))
+    x = np.zeros((n, q))
+    f_out = np.zeros((n, 3))
+    tk = np.empty((n_species, nr, nm))
+    dgk = np.empty((n_species, nr, nr))
+    gadj = np.empty((n_species, nr, nm))
+    wdiag = np.empty((n_species, nr, nr))
+    wp = np.empty(nl)
+    pw = np.empty((3, l_max + 2))
+    s_p = np.empty(nl)
+    wr = np.empty(nm)
+    wd = np.empty(nm)
+    for k in range(n):
+        if start[k] == start[k + 1]:
+            continue
+        tk[:] = 0.0
+        dgk[:] = 0.0
+        for e in range(start[k], start[k + 1]):
+            j = e - start[k]
+            a = species[nb[e]]
+            _entry_moments(e, geo[e, 3], geo, mu, sigma, l_max, mono, pw, e_rad[j, 0], e_rad[j, 1], e_um[j], e_dum[j],
+                           tk[a], dgk[a])
+        _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, x[k])
+        _centre_adjoint(tk, dh[species[k]], n_species, l_max, mono_p, mono_w, leg, channels, gadj, wdiag, wp)
+        f0 = 0.0
+        f1 = 0.0
+        f2 = 0.0
+        for e in range(start[k], start[k + 1]):
+            j = e - start[k]
+            si = species[nb[e]]
+            r = geo[e, 3]
+            v0, v1, v2 = _entry_gradient(r, geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, e_rad[j, 0], e_rad[j, 1],
+                                         e_um[j], e_dum[j], gadj[si], wdiag[si], mono_p, wr, wd)
+            f0 -= v0
+            f1 -= v1
+            f2 -= v2
+            if conservative:
+                i = nb[e]
+                f_out[i, 0] += v0
+                f_out[i, 1] += v1
+                f_out[i, 2] += v2
+        f_out[k, 0] += f0
+        f_out[k, 1] += f1
+        f_out[k, 2] += f2
+    return x, f_out
 
 
 # --------------------------------------------------------------------------- frame and dataset wrappers

@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit
 
 from . import __version__
-from .angular import AngularBasis, angular_frame
+from .angular import AngularBasis, angular_frame, angular_linear_forces, neighbour_csr
 from .features import FeatureSpec, feature_forces, frame_terms
 from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, neighbour_pairs, pair_geometry,
                          species_index)
@@ -355,18 +355,33 @@ class Model:
             all_pairs = neighbour_pairs(np.zeros((len(codes), 3)), bx, -1.0)
             ang_verlet = VerletList(bx, arr.cutoff, skin) if arr is not None else None
 
+        # energy linear in the angular features (no quadratic coefficient on them, the default):
+        # dE/dx is a constant per species there, and features and forces come from one fused pass
+        linear_angular = arr is not None and all(
+            (act.stop if isinstance(act, slice) else (int(act.max()) + 1 if act.size else 0)) <= p
+            for act, _ in blocks)
+        dh_angular = np.ascontiguousarray(np.stack([a[p:] for a in self.A])) if linear_angular else None
+
         def fn(positions):
             pos = np.ascontiguousarray(positions, dtype=float)
             pairs = verlet(pos) if verlet is not None else all_pairs
             phi, g, d = pair_terms(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
-            if arr is not None:
+            f_ang = None
+            if linear_angular:
+                start, nb, geo = neighbour_csr(pairs if ang_verlet is None else ang_verlet(pos), pos, bx, arr.cutoff,
+                                               arr.width, len(codes))
+                x_ang, f_ang = angular_linear_forces(start, nb, geo, codes, dh_angular, conservative, *arr.args())
+                x = np.concatenate([phi, x_ang], axis=1)
+            elif arr is not None:
                 fr = angular_frame(pos, bx, codes, arr, pairs=pairs if ang_verlet is None else ang_verlet(pos))
                 x = np.concatenate([phi, fr.x], axis=1)
             else:
                 x = phi
             dh = self.dh_dphi(x, codes, blocks)
             f = forces_from_pair_terms(pairs, codes, len(kinds), np.ascontiguousarray(dh[:, :p]), g, d, conservative)
-            if arr is not None:
+            if f_ang is not None:
+                f += f_ang
+            elif arr is not None:
                 f += fr.vjp(dh[:, p:], conservative)
             e = self._loss_sum(x, codes, blocks)
             if prior is not None:
@@ -376,6 +391,7 @@ class Model:
             return f, e
 
         fn.neighbours = verlet if verlet is not None else ang_verlet
+        fn.fused_angular = linear_angular
         return fn
 
     def forces(self, positions, box, species) -> np.ndarray:

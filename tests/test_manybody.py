@@ -46,7 +46,10 @@ def water():
     return ds
 
 
-def test_conservative_manybody_forces_are_minus_energy_gradient(water):
+@pytest.mark.parametrize("quadratic", ["pair+radial", "pair"])
+def test_conservative_manybody_forces_are_minus_energy_gradient(water, quadratic):
+    """Quadratic terms on the radial angular features (two-pass MD forces: features, then their
+    vector-Jacobian product) or on pair features only (the fused one-pass kernel)."""
     pos = water["positions"].values[0]
     box = np.diag(water["cell"].values)
     sp = water["species"].values
@@ -54,7 +57,7 @@ def test_conservative_manybody_forces_are_minus_energy_gradient(water):
     short = shortest_distances(pos[None], box[None], codes, 2)
     # a prior whose onset lies above some pairs of this frame, so that its forces are exercised too
     prior = ShortRangePrior(("H", "O"), short + 0.15, margin_angstrom=0.05)
-    model = random_manybody("conservative", prior=prior)
+    model = random_manybody("conservative", prior=prior, quad_features=2 * len(WS) if quadratic == "pair" else None)
     f = model.forces(pos, box, sp)
     e0 = model.energy(pos, box, sp)
     h = 1e-5
@@ -70,18 +73,19 @@ def test_conservative_manybody_forces_are_minus_energy_gradient(water):
     assert prior.energy_forces(pos, box, codes)[0] > 0          # the prior did act in this check
     # the MD force function (Verlet list, one pass) gives the same forces and energy
     fn = model.force_fn(box, sp)
+    assert fn.fused_angular == (quadratic == "pair")
     f2, e2 = fn(pos)
     assert_allclose(f2, f, rtol=1e-10, atol=1e-11)
     assert e2 == pytest.approx(e0, rel=1e-12)
 
 
-@pytest.mark.parametrize("cutoff", [None, 5.0])
-def test_agent_manybody_forces_are_minus_own_loss_gradient(water, cutoff):
+@pytest.mark.parametrize("cutoff,quadratic", [(None, "pair+radial"), (5.0, "pair+radial"), (5.0, "pair")])
+def test_agent_manybody_forces_are_minus_own_loss_gradient(water, cutoff, quadratic):
     ds = water.isel(atom=slice(0, 48))
     pos = ds["positions"].values[1]
     box = np.diag(ds["cell"].values)
     sp = ds["species"].values
-    model = random_manybody("agent", cutoff=cutoff)
+    model = random_manybody("agent", cutoff=cutoff, quad_features=2 * len(WS) if quadratic == "pair" else None)
     f = model.forces(pos, box, sp)
     codes, _ = species_index(sp, ["H", "O"])
 
@@ -97,7 +101,9 @@ def test_agent_manybody_forces_are_minus_own_loss_gradient(water, cutoff):
             p[k, c] += h
             m[k, c] -= h
             assert f[k, c] == pytest.approx(-(own_loss(p, k) - own_loss(m, k)) / (2 * h), rel=1e-6, abs=1e-8)
-    f2, _ = model.force_fn(box, sp)(pos)
+    fn = model.force_fn(box, sp)
+    assert fn.fused_angular == (quadratic == "pair")
+    f2, _ = fn(pos)
     assert_allclose(f2, f, rtol=1e-10, atol=1e-11)
 
 
