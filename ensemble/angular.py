@@ -205,58 +205,59 @@ class AngularArrays:
 # --------------------------------------------------------------------------- kernels
 @njit(cache=True)
 def neighbour_csr(pairs, pos, box, cutoff, width, n):
-    """Both directions of the candidate pairs (k < i) closer than ``cutoff``, grouped by atom.
+    """Both directions of the candidate pairs (k < i) closer than ``cutoff`` (all of them when
+    ``cutoff`` <= 0), grouped by atom (each
+    atom's neighbours ascending when the pairs are sorted by k, then i).
 
-    Returns start (n + 1,), nb (E,), geo (E, 6): d = q_k - q_nb (3), |d|, fc(|d|), dfc/dr.
-    """
+    Returns start (n + 1,), nb (E,), geo (E, 6): d = q_k - q_nb (3), |d|, fc(|d|), dfc/dr. The
+    geometry is computed entry by entry in storage order (the mirror of a pair is not written
+    from the pair: that scatter misses the cache on large systems)."""
+    c2 = cutoff * cutoff
     cnt = np.zeros(n + 1, np.int64)
     keep = np.zeros(pairs.shape[0], np.bool_)
-    geo_q = np.empty((pairs.shape[0], 6))
     for q in range(pairs.shape[0]):
         k = pairs[q, 0]
         i = pairs[q, 1]
-        inside, dx, dy, dz, r, fc, dfc = pair_geometry(k, i, pos, box, cutoff, width)
-        if not inside:
-            continue
-        keep[q] = True
-        geo_q[q, 0] = dx
-        geo_q[q, 1] = dy
-        geo_q[q, 2] = dz
-        geo_q[q, 3] = r
-        geo_q[q, 4] = fc
-        geo_q[q, 5] = dfc
-        cnt[k + 1] += 1
-        cnt[i + 1] += 1
+        dx = pos[k, 0] - pos[i, 0]
+        dy = pos[k, 1] - pos[i, 1]
+        dz = pos[k, 2] - pos[i, 2]
+        dx -= box[0] * np.rint(dx / box[0])
+        dy -= box[1] * np.rint(dy / box[1])
+        dz -= box[2] * np.rint(dz / box[2])
+        if cutoff <= 0.0 or dx * dx + dy * dy + dz * dz < c2:      # cutoff <= 0: paper mode, every pair
+            keep[q] = True
+            cnt[k + 1] += 1
+            cnt[i + 1] += 1
     for k in range(n):
         cnt[k + 1] += cnt[k]
     start = cnt.copy()
     fill = cnt[:n].copy()
     nb = np.empty(start[n], np.int64)
-    geo = np.empty((start[n], 6))
     for q in range(pairs.shape[0]):
-        if not keep[q]:
-            continue
-        k = pairs[q, 0]
-        i = pairs[q, 1]
-        e = fill[k]
-        fill[k] += 1
-        nb[e] = i
-        for c in range(6):
-            geo[e, c] = geo_q[q, c]
-        e = fill[i]
-        fill[i] += 1
-        nb[e] = k
-        for c in range(3):
-            geo[e, c] = -geo_q[q, c]
-        for c in range(3, 6):
-            geo[e, c] = geo_q[q, c]
+        if keep[q]:
+            k = pairs[q, 0]
+            i = pairs[q, 1]
+            nb[fill[k]] = i
+            fill[k] += 1
+            nb[fill[i]] = k
+            fill[i] += 1
+    geo = np.empty((start[n], 6))
+    for k in range(n):
+        for e in range(start[k], start[k + 1]):
+            _, dx, dy, dz, r, fc, dfc = pair_geometry(k, nb[e], pos, box, cutoff, width)
+            geo[e, 0] = dx
+            geo[e, 1] = dy
+            geo[e, 2] = dz
+            geo[e, 3] = r
+            geo[e, 4] = fc
+            geo[e, 5] = dfc
     return start, nb, geo
 
 
 _FAST = {"reassoc", "contract"}       # let LLVM vectorise the dot products over monomials
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _radial(mu, sigma, r, fc, dfc, rad, drad):
     for n in range(mu.shape[0]):
         x = (r - mu[n]) / sigma[n]
@@ -265,7 +266,7 @@ def _radial(mu, sigma, r, fc, dfc, rad, drad):
         drad[n] = g * (dfc - x / sigma[n] * fc)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
     """u^alpha (n_mono,) and its gradient in u, unconstrained, as (3, n_mono); ``pw`` (3, l_max + 2)
     scratch holding 0, 1, u, u^2, ... so that the derivative a u^(a - 1) needs no branch."""
@@ -292,14 +293,55 @@ def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
         dum[2, t] = c * xa * xb * pw[2, c]
 
 
-@njit(cache=True, fastmath=_FAST)
-def _entry_moments(e, r, geo, mu, sigma, l_max, mono, pw, rad, drad, um, dum, tka, dgka):
-    """Radial values and monomials of entry e (into rad, drad, um, dum) added to the centre's moments
-    of the neighbour's species: T[n, alpha] += R_n u^alpha, Dg[n, m] += R_n R_m."""
-    nr = mu.shape[0]
-    nm = mono.shape[0]
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _monomial_values(u0, u1, u2, l_max, mono, pw, um):
+    """u^alpha (n_mono,) only (``pw`` as in :func:`_monomials`)."""
+    pw[0, 1] = 1.0
+    pw[1, 1] = 1.0
+    pw[2, 1] = 1.0
+    for e in range(2, l_max + 2):
+        pw[0, e] = pw[0, e - 1] * u0
+        pw[1, e] = pw[1, e - 1] * u1
+        pw[2, e] = pw[2, e - 1] * u2
+    for t in range(mono.shape[0]):
+        um[t] = pw[0, mono[t, 0] + 1] * pw[1, mono[t, 1] + 1] * pw[2, mono[t, 2] + 1]
+
+
+@njit(cache=True)
+def shift_tables(mono, l_max):
+    """For the monomials beta of degree < l_max (the first ones, monomials being stored by degree):
+    up[c, beta] = index of beta + e_c and cf[c, beta] = its exponent of u_c (beta_c + 1), so that
+    d/du_c sum_alpha W_alpha u^alpha = sum_beta cf[c, beta] W[up[c, beta]] u^beta."""
+    n_low = l_max * (l_max + 1) * (l_max + 2) // 6
+    up = np.zeros((3, n_low), np.int64)
+    cf = np.zeros((3, n_low))
+    for t in range(n_low):
+        for c in range(3):
+            for v in range(mono.shape[0]):
+                ok = True
+                for d in range(3):
+                    if mono[v, d] != mono[t, d] + (1 if d == c else 0):
+                        ok = False
+                if ok:
+                    up[c, t] = v
+            cf[c, t] = mono[t, c] + 1.0
+    return up, cf
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _entry_moments(e, r, geo, mu, sigma, l_max, mono, pw, rad, drad, um, tka, dgka):
+    """Radial values and monomials of entry e (into rad, drad, um) added to the centre's moments of
+    the neighbour's species: T[n, alpha] += R_n u^alpha, Dg[n, m] += R_n R_m."""
     _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, drad)
-    _monomials(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, pw, um, dum)
+    _add_moments(e, r, geo, l_max, mono, pw, rad, um, tka, dgka)
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _add_moments(e, r, geo, l_max, mono, pw, rad, um, tka, dgka):
+    """The monomials of entry e (into um) times its radial values added to T and Dg."""
+    nr = rad.shape[0]
+    nm = mono.shape[0]
+    _monomial_values(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, pw, um)
     for nn in range(nr):
         rn = rad[nn]
         row = tka[nn]
@@ -310,7 +352,7 @@ def _entry_moments(e, r, geo, mu, sigma, l_max, mono, pw, rad, drad, um, dum, tk
             drow[mm] += rn * rad[mm]
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, xk):
     """One centre's features (Q,) from its moments T (S, N_r, n_mono) and diagonal sums Dg."""
     nr = tk.shape[1]
@@ -362,7 +404,7 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
     for k in range(n):
         for e in range(start[k], start[k + 1]):
             a = species[nb[e]]
-            _entry_moments(e, geo[e, 3], geo, mu, sigma, l_max, mono, pw, rad_all[e, 0], rad_all[e, 1], um, dum,
+            _entry_moments(e, geo[e, 3], geo, mu, sigma, l_max, mono, pw, rad_all[e, 0], rad_all[e, 1], um,
                            t_all[k, a], dg_all[k, a])
         _centre_features(t_all[k], dg_all[k], n_species, l_max, mono_p, mono_w, leg, channels, s_p, x[k])
     return x, t_all, dg_all, rad_all
@@ -480,7 +522,7 @@ def _entry_jacobian(e, si, tk, geo, rad_all, n_species, l_max, mono, mono_w, leg
             je[base + l, 2] = v2
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FAST)
 def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p,
                      mono_w, leg, channels):
     """J (E, Q, 3): derivative of atom k's features w.r.t. d = q_k - q_nb[e] of each CSR entry e of k
@@ -498,7 +540,7 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
     return jac
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FAST)
 def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu, sigma, cutoff, width, l_max, mono,
                           mono_p, mono_w, leg, channels):
     """d x[k] / d q_k (N, Q, 3) with the other atoms fixed: the sum of k's entry Jacobians, each
@@ -526,7 +568,7 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FAST)
 def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, block, out, n_species, mu, sigma, cutoff,
                            width, l_max, mono, mono_p, mono_w, leg, channels):
     """Add the angular linear columns of the conservative design to ``out`` (3N, >= S * block): entry
@@ -593,7 +635,7 @@ def relevant_features(n_species, nr, l_max, channels):
     return out[:, :width].copy()
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _centre_adjoint(tk, dhk, n_species, l_max, mono_p, mono_w, leg, channels, gadj, wdiag, wp):
     """dE_k / dT[a, n, alpha] (gadj) and dE_k / dDg[a, n, m] (wdiag) of one centre from its moments
     and dh = dE_k / dx_k (Q,)."""
@@ -633,8 +675,8 @@ def _centre_adjoint(tk, dhk, n_species, l_max, mono_p, mono_w, leg, channels, ga
                 gb[tt] += w * ta[tt]
 
 
-@njit(cache=True, fastmath=_FAST)
-def _entry_gradient(r, u0, u1, u2, rad, drad, um, dum, gs, ws, mono_p, wr, wd):
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _entry_gradient(r, u0, u1, u2, rad, drad, um, gs, ws, mono_p, up, cf, wr, wd):
     """v = dE_k / dd of one entry (d = q_k - q_nb) from the centre's adjoint restricted to the
     neighbour's species (gs = gadj[s_nb], ws = wdiag[s_nb]) and the entry's radial values and monomials."""
     nr = rad.shape[0]
@@ -662,14 +704,16 @@ def _entry_gradient(r, u0, u1, u2, rad, drad, um, dum, gs, ws, mono_p, wr, wd):
     for tt in range(nm):
         sg += wd[tt] * um[tt]
         spg += wr[tt] * mono_p[tt] * um[tt]
-        d0 += wr[tt] * dum[0, tt]
-        d1 += wr[tt] * dum[1, tt]
-        d2 += wr[tt] * dum[2, tt]
+    for tt in range(up.shape[1]):       # the gradient of sum_alpha W_alpha u^alpha in u
+        ut = um[tt]
+        d0 += cf[0, tt] * wr[up[0, tt]] * ut
+        d1 += cf[1, tt] * wr[up[1, tt]] * ut
+        d2 += cf[2, tt] * wr[up[2, tt]] * ut
     radial_u = sg - spg / r + dw        # coefficient of u
     return radial_u * u0 + d0 / r, radial_u * u1 + d1 / r, radial_u * u2 + d2 / r
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FAST)
 def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_species, mu, sigma, cutoff, width, l_max,
                 mono, mono_p, mono_w, leg, channels):
     """Forces (N, 3) from dh[k, f] = dE/dx_f[k] (only the angular block, (N, Q)) without the Jacobian.
@@ -685,7 +729,7 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
     wdiag = np.empty((n_species, nr, nr))    # dE_k / dDg[a, n, m]
     wp = np.empty(l_max + 1)
     um = np.empty(nm)
-    dum = np.empty((3, nm))
+    up, cf = shift_tables(mono, l_max)
     pw = np.empty((3, l_max + 2))
     wr = np.empty(nm)
     wd = np.empty(nm)
@@ -702,9 +746,9 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
             u0 = geo[e, 0] / r
             u1 = geo[e, 1] / r
             u2 = geo[e, 2] / r
-            _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
-            v0, v1, v2 = _entry_gradient(r, u0, u1, u2, rad_all[e, 0], rad_all[e, 1], um, dum, gadj[si], wdiag[si],
-                                         mono_p, wr, wd)
+            _monomial_values(u0, u1, u2, l_max, mono, pw, um)
+            v0, v1, v2 = _entry_gradient(r, u0, u1, u2, rad_all[e, 0], rad_all[e, 1], um, gadj[si], wdiag[si],
+                                         mono_p, up, cf, wr, wd)
             # v = dE_k / dd_e: dE_k/dq_k += v, dE_k/dq_i -= v
             f0 -= v0
             f1 -= v1
@@ -720,14 +764,15 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
     return f_out
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FAST)
 def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, mu, sigma, cutoff, width, l_max, mono,
                           mono_p, mono_w, leg, channels):
-    """Features x (N, Q) and forces (N, 3) in one pass per centre, for an energy linear in the
-    angular features: dh (S, Q) = dE_k / dx_k for a centre of each species (a constant). Each
-    centre's radial values and monomials are computed once, kept for its own entries, and used for
-    the moments, then for the forces (:func:`angular_features` + :func:`angular_vjp` without the
-    per-frame moment and radial arrays or a second evaluation)."""
+    """Features x (N, Q), forces (N, 3) and energy sum_k dh[s_k] . x[k] in one pass per centre, for
+    an energy linear in the angular features: dh (S, Q) = dE_k / dx_k for a centre of each species
+    (a constant). Each centre's radial values and monomials are computed once, kept for its own
+    entries, and used for the moments, then for the forces
+    (:func:`angular_features` + :func:`angular_vjp` without the per-frame moment arrays or a second
+    evaluation)."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
     nm = mono.shape[0]
@@ -738,9 +783,10 @@ def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, 
         most = max(most, start[k + 1] - start[k])
     e_rad = np.empty((most, 2, nr))
     e_um = np.empty((most, nm))
-    e_dum = np.empty((most, 3, nm))
+    up, cf = shift_tables(mono, l_max)
     x = np.zeros((n, q))
     f_out = np.zeros((n, 3))
+    energy = 0.0
     tk = np.empty((n_species, nr, nm))
     dgk = np.empty((n_species, nr, nr))
     gadj = np.empty((n_species, nr, nm))
@@ -758,10 +804,13 @@ def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, 
         for e in range(start[k], start[k + 1]):
             j = e - start[k]
             a = species[nb[e]]
-            _entry_moments(e, geo[e, 3], geo, mu, sigma, l_max, mono, pw, e_rad[j, 0], e_rad[j, 1], e_um[j], e_dum[j],
-                           tk[a], dgk[a])
+            _entry_moments(e, geo[e, 3], geo, mu, sigma, l_max, mono, pw, e_rad[j, 0], e_rad[j, 1], e_um[j], tk[a],
+                           dgk[a])
         _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, x[k])
-        _centre_adjoint(tk, dh[species[k]], n_species, l_max, mono_p, mono_w, leg, channels, gadj, wdiag, wp)
+        dhk = dh[species[k]]
+        for f in range(q):
+            energy += dhk[f] * x[k, f]
+        _centre_adjoint(tk, dhk, n_species, l_max, mono_p, mono_w, leg, channels, gadj, wdiag, wp)
         f0 = 0.0
         f1 = 0.0
         f2 = 0.0
@@ -770,7 +819,7 @@ def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, 
             si = species[nb[e]]
             r = geo[e, 3]
             v0, v1, v2 = _entry_gradient(r, geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, e_rad[j, 0], e_rad[j, 1],
-                                         e_um[j], e_dum[j], gadj[si], wdiag[si], mono_p, wr, wd)
+                                         e_um[j], gadj[si], wdiag[si], mono_p, up, cf, wr, wd)
             f0 -= v0
             f1 -= v1
             f2 -= v2
@@ -782,7 +831,7 @@ def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, 
         f_out[k, 0] += f0
         f_out[k, 1] += f1
         f_out[k, 2] += f2
-    return x, f_out
+    return x, f_out, energy
 
 
 # --------------------------------------------------------------------------- frame and dataset wrappers

@@ -238,6 +238,67 @@ def neighbour_pairs(pos, box, cutoff):
 
 
 @njit(cache=True)
+def pairs_within(pos, box, cutoff):
+    """Every unordered pair (k < i) closer than ``cutoff`` (minimum image), sorted by k, then i:
+    int64 (n_pairs, 2). Cell lists when there are >= 3 cells per edge, else all pairs; distances
+    are checked here, one atom's candidates at a time."""
+    n = pos.shape[0]
+    cells = not (box[0] < 3 * cutoff or box[1] < 3 * cutoff or box[2] < 3 * cutoff)
+    if cells:
+        head, nxt, cell_of, nc = build_cells(pos, box, cutoff)
+    else:
+        head, nxt, cell_of, nc = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 3), np.int64),
+                                  np.empty(3, np.int64))
+    c2 = cutoff * cutoff
+    cap = 64 * n + 64
+    out = np.empty((cap, 2), np.int64)
+    buf = np.empty(n, np.int64)
+    c = 0
+    for k in range(n):
+        m = 0
+        if cells:
+            for ox in range(-1, 2):
+                for oy in range(-1, 2):
+                    for oz in range(-1, 2):
+                        cx = (cell_of[k, 0] + ox) % nc[0]
+                        cy = (cell_of[k, 1] + oy) % nc[1]
+                        cz = (cell_of[k, 2] + oz) % nc[2]
+                        i = head[(cx * nc[1] + cy) * nc[2] + cz]
+                        while i >= 0:
+                            if i > k and _distance2(k, i, pos, box) < c2:
+                                buf[m] = i
+                                m += 1
+                            i = nxt[i]
+            buf[:m] = np.sort(buf[:m])
+        else:
+            for i in range(k + 1, n):
+                if _distance2(k, i, pos, box) < c2:
+                    buf[m] = i
+                    m += 1
+        if c + m > cap:
+            bigger = np.empty((2 * cap + m, 2), np.int64)
+            bigger[:c] = out[:c]
+            out = bigger
+            cap = bigger.shape[0]
+        for t in range(m):
+            out[c + t, 0] = k
+            out[c + t, 1] = buf[t]
+        c += m
+    return out[:c].copy()
+
+
+@njit(cache=True, inline="always")
+def _distance2(k, i, pos, box):
+    dx = pos[k, 0] - pos[i, 0]
+    dy = pos[k, 1] - pos[i, 1]
+    dz = pos[k, 2] - pos[i, 2]
+    dx -= box[0] * np.rint(dx / box[0])
+    dy -= box[1] * np.rint(dy / box[1])
+    dz -= box[2] * np.rint(dz / box[2])
+    return dx * dx + dy * dy + dz * dz
+
+
+@njit(cache=True)
 def invariants_frame(pos, box, species, n_species, kinds, params, cutoff, width):
     """Invariants and self-gradients of one frame.
 
@@ -288,12 +349,7 @@ class VerletList:
             d -= self.box * np.rint(d / self.box)
             if float(np.max(np.einsum("ij,ij->i", d, d))) <= (0.5 * self.skin) ** 2:
                 return self.pairs
-        reach = self.cutoff + self.skin
-        cand = neighbour_pairs(pos, self.box, reach)
-        d = pos[cand[:, 0]] - pos[cand[:, 1]]
-        d -= self.box * np.rint(d / self.box)
-        keep = cand[np.einsum("ij,ij->i", d, d) < reach * reach]
-        self.pairs = np.ascontiguousarray(keep[np.lexsort((keep[:, 1], keep[:, 0]))])
+        self.pairs = pairs_within(np.ascontiguousarray(pos, dtype=float), self.box, self.cutoff + self.skin)
         self.ref = pos.copy()
         self.builds += 1
         return self.pairs

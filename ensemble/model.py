@@ -248,12 +248,14 @@ class Model:
         kinds, params = self.weights.arrays()
         return codes, cutoff, width, kinds, params
 
-    def dh_dphi(self, phi: np.ndarray, codes: np.ndarray, blocks=None) -> np.ndarray:
-        """dH_{s_k}/dx at each atom's features: (N, F) (``blocks``: :attr:`_quadratic_blocks`, if at hand)."""
+    def dh_dphi(self, phi: np.ndarray, codes: np.ndarray, blocks=None, linear=None) -> np.ndarray:
+        """dH_{s_k}/dx at each atom's features: (N, F) (``blocks``: :attr:`_quadratic_blocks`, if at hand;
+        ``linear``: per species the linear coefficients of the leading F features, default all of A)."""
         out = np.empty_like(phi)
+        linear = self.A if linear is None else linear
         for s, (act, bq) in enumerate(self._quadratic_blocks if blocks is None else blocks):
             at = np.flatnonzero(codes == s)
-            out[at] = self.A[s]
+            out[at] = linear[s]
             if bq.size:
                 if isinstance(act, slice):
                     out[at, act] += phi[at, act] @ bq
@@ -261,12 +263,13 @@ class Model:
                     out[np.ix_(at, act)] += phi[np.ix_(at, act)] @ bq
         return out
 
-    def _loss_sum(self, x: np.ndarray, codes: np.ndarray, blocks=None) -> float:
-        """sum_k H_{s_k}(x_k) (eV)."""
+    def _loss_sum(self, x: np.ndarray, codes: np.ndarray, blocks=None, linear=None) -> float:
+        """sum_k H_{s_k}(x_k) (eV) (``linear`` as in :meth:`dh_dphi`)."""
         e = 0.0
+        linear = self.A if linear is None else linear
         for s, (act, bq) in enumerate(self._quadratic_blocks if blocks is None else blocks):
             at = np.flatnonzero(codes == s)
-            e += float(np.sum(x[at] @ self.A[s]))
+            e += float(np.sum(x[at] @ linear[s]))
             if bq.size:
                 xa = x[at, act] if isinstance(act, slice) else x[np.ix_(at, act)]
                 e += 0.5 * float(np.sum((xa @ bq) * xa))
@@ -337,7 +340,8 @@ class Model:
 
     def _generic_force_fn(self, codes, bx, cutoff, width, kinds, params, skin):
         """Forces of many-body / prior models: pair terms from the candidate list (k < i), angular
-        features and their vector-Jacobian product from the same list, the prior on top."""
+        features and their vector-Jacobian product from the same list (one fused pass when the
+        energy is linear in the angular features, as in the default model), the prior on top."""
         n_sp = len(self.species)
         conservative = self.kind == "conservative"
         spec = self.spec
@@ -361,29 +365,32 @@ class Model:
             (act.stop if isinstance(act, slice) else (int(act.max()) + 1 if act.size else 0)) <= p
             for act, _ in blocks)
         dh_angular = np.ascontiguousarray(np.stack([a[p:] for a in self.A])) if linear_angular else None
+        a_pair = tuple(a[:p] for a in self.A)
 
         def fn(positions):
             pos = np.ascontiguousarray(positions, dtype=float)
             pairs = verlet(pos) if verlet is not None else all_pairs
             phi, g, d = pair_terms(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
-            f_ang = None
             if linear_angular:
+                # the angular energy and forces from the fused kernel; dH/dphi and H over the pair block
                 start, nb, geo = neighbour_csr(pairs if ang_verlet is None else ang_verlet(pos), pos, bx, arr.cutoff,
                                                arr.width, len(codes))
-                x_ang, f_ang = angular_linear_forces(start, nb, geo, codes, dh_angular, conservative, *arr.args())
-                x = np.concatenate([phi, x_ang], axis=1)
-            elif arr is not None:
-                fr = angular_frame(pos, bx, codes, arr, pairs=pairs if ang_verlet is None else ang_verlet(pos))
-                x = np.concatenate([phi, fr.x], axis=1)
+                _, f, e = angular_linear_forces(start, nb, geo, codes, dh_angular, conservative, *arr.args())
+                dh = self.dh_dphi(phi, codes, blocks, a_pair)
+                f += forces_from_pair_terms(pairs, codes, len(kinds), dh, g, d, conservative)
+                e += self._loss_sum(phi, codes, blocks, a_pair)
             else:
-                x = phi
-            dh = self.dh_dphi(x, codes, blocks)
-            f = forces_from_pair_terms(pairs, codes, len(kinds), np.ascontiguousarray(dh[:, :p]), g, d, conservative)
-            if f_ang is not None:
-                f += f_ang
-            elif arr is not None:
-                f += fr.vjp(dh[:, p:], conservative)
-            e = self._loss_sum(x, codes, blocks)
+                if arr is not None:
+                    fr = angular_frame(pos, bx, codes, arr, pairs=pairs if ang_verlet is None else ang_verlet(pos))
+                    x = np.concatenate([phi, fr.x], axis=1)
+                else:
+                    x = phi
+                dh = self.dh_dphi(x, codes, blocks)
+                f = forces_from_pair_terms(pairs, codes, len(kinds), np.ascontiguousarray(dh[:, :p]), g, d,
+                                           conservative)
+                if arr is not None:
+                    f += fr.vjp(dh[:, p:], conservative)
+                e = self._loss_sum(x, codes, blocks)
             if prior is not None:
                 ep, fp = prior_energy_forces(pos, bx, codes, onset, prior.epsilon_ev, prior.decay_angstrom, pairs)
                 f += fp

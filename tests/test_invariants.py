@@ -140,3 +140,22 @@ def test_dataset_wrapper_is_lazy_and_matches_the_kernel(tmp_path):
     assert_allclose(inv["phi"].values[5], ref[0])
     assert_allclose(inv["grad_phi"].values[5], ref[1])
     assert list(inv["source"].values) == ["H", "O"]
+
+
+@pytest.mark.parametrize("edge,n,cutoff", [(12.0, 150, 4.5), (31.0, 2000, 5.9)])
+def test_pairs_within_equal_brute_force_sorted(edge, n, cutoff):
+    """All pairs (small box) and cell lists (large box): exactly the minimum-image pairs closer than
+    the cutoff, each once (k < i), sorted by k then i; positions outside the box are wrapped."""
+    from ensemble.invariants import pairs_within
+
+    rng = np.random.default_rng(7)
+    box = np.array([edge, edge * 1.1, edge * 0.95])
+    pos = rng.uniform(-1.0, 2.0, size=(n, 3)) * box
+    k, i = np.triu_indices(n, 1)
+    d = pos[k] - pos[i]
+    d -= box * np.rint(d / box)
+    near = np.einsum("ij,ij->i", d, d) < cutoff ** 2
+    want = np.stack([k[near], i[near]], axis=1)
+    got = pairs_within(pos, box, cutoff)
+    assert len(want) > 10 * n // 2
+    np.testing.assert_array_equal(got, want)
