@@ -764,36 +764,73 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
     return f_out
 
 
+@njit(cache=True)
+def linear_angular_tables(dh, n_species, nr, l_max, leg, channels):
+    """For an energy linear in the angular features, dh (S, Q) = dE_k / dx_k per centre species:
+    W (S, l_max + 1, S * N_r, S * N_r), symmetric, with sum_psi dh . psi = 1/2 sum_alpha w_alpha
+    T[:, alpha] . W[p_alpha] T[:, alpha] - sum Dg terms, and wdiag (S, S, N_r, N_r), the
+    coefficients of the diagonal sums Dg[a, n, m] (the removed i = j terms)."""
+    nl = l_max + 1
+    rows = n_species * nr
+    w = np.zeros((dh.shape[0], nl, rows, rows))
+    wdiag = np.zeros((dh.shape[0], n_species, nr, nr))
+    wp = np.empty(nl)
+    for s in range(dh.shape[0]):
+        for c in range(channels.shape[0]):
+            a = channels[c, 0]
+            b = channels[c, 1]
+            nn = channels[c, 2]
+            mm = channels[c, 3]
+            i = a * nr + nn
+            j = b * nr + mm
+            base = n_species * nr + c * nl
+            tot = 0.0
+            wp[:] = 0.0
+            for l in range(nl):
+                h = dh[s, base + l]
+                tot += h
+                for p in range(l + 1):
+                    wp[p] += h * leg[l, p]
+            for p in range(nl):
+                if i == j:
+                    w[s, p, i, i] += 2.0 * wp[p]
+                else:
+                    w[s, p, i, j] += wp[p]
+                    w[s, p, j, i] += wp[p]
+            if a == b:
+                wdiag[s, a, nn, mm] -= tot
+    return w, wdiag
+
+
 @njit(cache=True, fastmath=_FAST)
 def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, mu, sigma, cutoff, width, l_max, mono,
                           mono_p, mono_w, leg, channels):
-    """Features x (N, Q), forces (N, 3) and energy sum_k dh[s_k] . x[k] in one pass per centre, for
-    an energy linear in the angular features: dh (S, Q) = dE_k / dx_k for a centre of each species
-    (a constant). Each centre's radial values and monomials are computed once, kept for its own
-    entries, and used for the moments, then for the forces
-    (:func:`angular_features` + :func:`angular_vjp` without the per-frame moment arrays or a second
-    evaluation)."""
+    """Forces (N, 3) and energy sum_k dh[s_k] . x[k] in one pass per centre, for an energy linear
+    in the angular features: dh (S, Q) = dE_k / dx_k for a centre of each species (a constant); the
+    same numbers as :func:`angular_features` + :func:`angular_vjp`, without the features.
+
+    The energy is a fixed quadratic form in each centre's moments (:func:`linear_angular_tables`),
+    so its adjoint dE_k / dT is one small matrix product per monomial. Each centre's radial values
+    and monomials are computed once, kept for its own entries, and used for the moments, then for
+    the forces."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
     nm = mono.shape[0]
-    nl = l_max + 1
-    q = n_species * nr + channels.shape[0] * nl
+    rows = n_species * nr
+    w_all, wdiag_all = linear_angular_tables(dh, n_species, nr, l_max, leg, channels)
     most = 1
     for k in range(n):
         most = max(most, start[k + 1] - start[k])
     e_rad = np.empty((most, 2, nr))
     e_um = np.empty((most, nm))
     up, cf = shift_tables(mono, l_max)
-    x = np.zeros((n, q))
     f_out = np.zeros((n, 3))
     energy = 0.0
     tk = np.empty((n_species, nr, nm))
     dgk = np.empty((n_species, nr, nr))
     gadj = np.empty((n_species, nr, nm))
-    wdiag = np.empty((n_species, nr, nr))
-    wp = np.empty(nl)
+    col = np.empty(rows)
     pw = np.empty((3, l_max + 2))
-    s_p = np.empty(nl)
     wr = np.empty(nm)
     wd = np.empty(nm)
     for k in range(n):
@@ -806,11 +843,32 @@ def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, 
             a = species[nb[e]]
             _entry_moments(e, geo[e, 3], geo, mu, sigma, l_max, mono, pw, e_rad[j, 0], e_rad[j, 1], e_um[j], tk[a],
                            dgk[a])
-        _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, x[k])
-        dhk = dh[species[k]]
-        for f in range(q):
-            energy += dhk[f] * x[k, f]
-        _centre_adjoint(tk, dhk, n_species, l_max, mono_p, mono_w, leg, channels, gadj, wdiag, wp)
+        sk = species[k]
+        dhk = dh[sk]
+        wk = w_all[sk]
+        wdiag = wdiag_all[sk]
+        t2 = tk.reshape(rows, nm)
+        g2 = gadj.reshape(rows, nm)
+        ek = 0.0
+        for t in range(nm):
+            for i in range(rows):
+                col[i] = t2[i, t]
+            wt = wk[mono_p[t]]
+            for i in range(rows):
+                v = 0.0
+                for j2 in range(rows):
+                    v += wt[i, j2] * col[j2]
+                g2[i, t] = mono_w[t] * v
+                ek += col[i] * g2[i, t]
+        ek *= 0.5
+        for a in range(n_species):
+            for nn in range(nr):
+                h = dhk[a * nr + nn]
+                g2[a * nr + nn, 0] += h
+                ek += h * tk[a, nn, 0]
+                for mm in range(nr):
+                    ek += wdiag[a, nn, mm] * dgk[a, nn, mm]
+        energy += ek
         f0 = 0.0
         f1 = 0.0
         f2 = 0.0
@@ -831,7 +889,7 @@ def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, 
         f_out[k, 0] += f0
         f_out[k, 1] += f1
         f_out[k, 2] += f2
-    return x, f_out, energy
+    return f_out, energy
 
 
 # --------------------------------------------------------------------------- frame and dataset wrappers

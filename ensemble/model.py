@@ -375,7 +375,7 @@ class Model:
                 # the angular energy and forces from the fused kernel; dH/dphi and H over the pair block
                 start, nb, geo = neighbour_csr(pairs if ang_verlet is None else ang_verlet(pos), pos, bx, arr.cutoff,
                                                arr.width, len(codes))
-                _, f, e = angular_linear_forces(start, nb, geo, codes, dh_angular, conservative, *arr.args())
+                f, e = angular_linear_forces(start, nb, geo, codes, dh_angular, conservative, *arr.args())
                 dh = self.dh_dphi(phi, codes, blocks, a_pair)
                 f += forces_from_pair_terms(pairs, codes, len(kinds), dh, g, d, conservative)
                 e += self._loss_sum(phi, codes, blocks, a_pair)
