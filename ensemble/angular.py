@@ -569,15 +569,21 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
 
 
 @njit(cache=True, fastmath=_FAST)
-def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, block, out, n_species, mu, sigma, cutoff,
-                           width, l_max, mono, mono_p, mono_w, leg, channels):
-    """Add the angular linear columns of the conservative design to ``out`` (3N, >= S * block): entry
-    e of centre k (species s) adds -J[e] to k's rows and +J[e] to its neighbour's, in block s after
-    the ``n_pair`` pair features. J[e] is computed in a scratch buffer and used at once; k's own rows
-    are summed locally and written once."""
+def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, block, rows, out, n_species, mu, sigma,
+                           cutoff, width, l_max, mono, mono_p, mono_w, leg, channels):
+    """Write the angular linear columns of the conservative design into ``out`` (atom i's rows are
+    rows[i] .. rows[i] + 2; >= S * block columns): entry e of centre k (species s) adds -J[e] to k's
+    rows and +J[e] to its neighbour's, in block s after the ``n_pair`` pair features, the columns
+    being cleared first. J[e] is computed in a scratch buffer and used at once; k's own rows are
+    summed locally and written once."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
     q = n_species * nr + channels.shape[0] * (l_max + 1)
+    for i in range(n):
+        for c in range(3):
+            row = out[rows[i] + c]
+            for s in range(n_species):
+                row[s * block + n_pair:s * block + n_pair + q] = 0.0
     je = np.zeros((q, 3))
     own = np.zeros((3, q))
     scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
@@ -592,7 +598,7 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
             si = species[i]
             _entry_jacobian(e, si, t_all[k], geo, rad_all, n_species, l_max, mono, mono_w, leg, channels, scratch, je)
             for c in range(3):
-                ri = out[3 * i + c]
+                ri = out[rows[i] + c]
                 ok = own[c]
                 for t in range(rel.shape[1]):
                     lo = rel[si, t, 0]
@@ -603,7 +609,7 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
                         ri[base + f] += v
                         ok[f] += v
         for c in range(3):
-            rk = out[3 * k + c]
+            rk = out[rows[k] + c]
             for f in range(q):
                 rk[base + f] -= own[c, f]
 
@@ -922,13 +928,16 @@ class AngularFrame:
         """d x[k] / d q_k (N, Q, 3) with all other atoms fixed (the agent kind's gradient)."""
         return angular_self_gradient(self.start, self.nb, self.geo, self.codes, self.t, self.rad, *self.arr.args())
 
-    def add_design_columns(self, n_pair: int, block: int, out: np.ndarray) -> np.ndarray:
-        """Add the angular linear columns of the conservative design to ``out`` (:func:`angular_design_scatter`)."""
+    def add_design_columns(self, n_pair: int, block: int, out: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Write the angular linear columns of the conservative design into ``out``
+        (:func:`angular_design_scatter`; atom i's rows start at rows[i], default 3 i)."""
         n, q = self.x.shape
-        if n_pair + q > block or out.ndim != 2 or out.shape[0] != 3 * n or out.shape[1] < self.arr.n_species * block:
+        rows = 3 * np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+        if (n_pair + q > block or out.ndim != 2 or out.shape[1] < self.arr.n_species * block or rows.shape != (n,)
+                or (n and (rows.min() < 0 or rows.max() + 3 > out.shape[0]))):
             raise ValueError(f"design rows of shape {out.shape} cannot hold {self.arr.n_species} blocks of {block} "
                              f"columns with {q} angular features after {n_pair} pair features for {n} atoms")
-        angular_design_scatter(self.start, self.nb, self.geo, self.codes, self.t, self.rad, n_pair, block, out,
+        angular_design_scatter(self.start, self.nb, self.geo, self.codes, self.t, self.rad, n_pair, block, rows, out,
                                *self.arr.args())
         return out
 

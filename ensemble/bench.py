@@ -216,11 +216,12 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     c = spec.block * (s_n if kind == "conservative" else 1)
     qj, ql = spec.quadratic_pairs()
     atoms = [np.flatnonzero(codes == s) for s in range(s_n)]
-    rows_of = [slice(3 * a[0], 3 * a[-1] + 3) for a in atoms]
-    zs = [np.zeros((n_frames * 3 * a.size, c + 1)) for a in atoms]
-    for z in zs:
-        z.fill(0.0)                            # touched once, as the reduction's reused row buffers are
-    full = np.zeros((3 * n, c + 1))
+    # the reduction's layout: one buffer, species by species, touched once (as the reused buffer is)
+    zall = np.zeros((n_frames * 3 * n, c + 1))
+    zall.fill(0.0)
+    off = np.concatenate([[0], np.cumsum([n_frames * 3 * a.size for a in atoms])])
+    zs = [zall[off[s]:off[s + 1]] for s in range(s_n)]
+    within = np.arange(n) - np.concatenate([[0], np.cumsum([a.size for a in atoms])])[codes]
 
     def features(t):
         terms = frame_terms(pos[t], box, codes, spec)
@@ -228,12 +229,9 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
 
     def rows(t, terms, grad):
         if kind == "conservative":
-            full.fill(0.0)
-            conservative_rows_blas(terms, codes, spec, full)
-            full[:, c] = target[t].ravel()
-            for s in range(s_n):
-                nr = 3 * atoms[s].size
-                zs[s][t * nr:(t + 1) * nr] = full[rows_of[s]]
+            rows = off[codes] + t * 3 * np.array([a.size for a in atoms])[codes] + 3 * within
+            conservative_rows_blas(terms, codes, spec, zall, rows)
+            zall[(rows[:, None] + np.arange(3)).ravel(), c] = target[t].ravel()
         else:
             for s in range(s_n):
                 nr = 3 * atoms[s].size
@@ -251,6 +249,7 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
         t_feat += b - a
         t_rows += time.perf_counter() - b
     prod = np.zeros((c + 1, c + 1))
+    prod.fill(0.0)                             # touched, as the reduction's reused product is
     a = time.perf_counter()
     for z in zs:
         np.matmul(z.T, z, out=prod)

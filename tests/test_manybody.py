@@ -324,3 +324,11 @@ def test_blas_conservative_rows_equal_the_scatter_kernel(water, cutoff, angular,
     b = conservative_rows_blas(terms, codes, spec, np.zeros((360, 2 * spec.block + 1)))
     assert np.abs(a).max() > 1 and not a[:, -1].any()
     assert_allclose(b, a, rtol=0, atol=1e-12 * np.abs(a).max())
+    # rows placed anywhere (atom i at rows[i]) in a buffer full of garbage: the design columns of
+    # those rows are written, nothing else is touched
+    rows = 3 * np.random.default_rng(1).permutation(130)[:120] + 1
+    buf = np.full((400, 2 * spec.block + 3), np.nan)
+    conservative_rows_blas(terms, codes, spec, buf, rows)
+    at = (rows[:, None] + np.arange(3)).ravel()
+    assert_allclose(buf[at, :2 * spec.block], a[:, :2 * spec.block], rtol=0, atol=1e-12 * np.abs(a).max())
+    assert np.isnan(buf[:, 2 * spec.block:]).all() and np.isnan(np.delete(buf, at, axis=0)).all()

@@ -118,38 +118,130 @@ def conservative_feature_rows(terms: FrameTerms, codes: np.ndarray, spec: Featur
 
 # --------------------------------------------------------------------------- conservative rows through BLAS
 @njit(cache=True)
-def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_features, qj, ql, out):
+def _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj, ql, half, avec, y, rows, out):
+    """Write atom i's three rows of pair columns from its products b (S, P + 1, 3M) (see
+    :func:`conservative_pair_rows`)."""
+    p = n_species * m_w
+    nq = qj.shape[0]
+    si = species[i]
+    xi = x[i]
+    for c in range(3):
+        row = out[rows[i] + c]
+        for f in range(p):                   # d phi_f[i] / d q_i, component c
+            a = f // m_w
+            avec[f] = b[a, p, 3 * (f - a * m_w) + c]
+        for s in range(n_species):
+            own = si == s
+            col0 = s * block
+            colq = col0 + n_features
+            bs = b[s]
+            for f in range(p):
+                a = f // m_w
+                v = 0.0
+                if si == a:
+                    v -= bs[p, 3 * (f - a * m_w) + c]
+                if own:
+                    v -= avec[f]
+                row[col0 + f] = v
+            if nq == 0:
+                continue
+            # Y[j, l] = [s_i = s] x_j[i] A[l] + [s_i = a_l] B_s[j, m_l]
+            for j in range(p):
+                xj = xi[j] if own else 0.0
+                yj = y[j]
+                for l in range(p):
+                    yj[l] = xj * avec[l]
+                bj = bs[j]
+                for m in range(m_w):
+                    yj[si * m_w + m] += bj[3 * m + c]
+            for q in range(nq):
+                row[colq + q] = -half[q] * (y[qj[q], ql[q]] + y[ql[q], qj[q]])
+
+
+#: atoms per BLAS product when every atom neighbours every other (paper mode)
+DENSE_BLOCK = 16
+
+
+@njit(cache=True)
+def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_features, qj, ql, rows, out):
     """Pair columns (linear and quadratic over pair features) of every species block of the
-    conservative design, one atom's three rows at a time, with the sums over neighbours as small
-    BLAS products (``out`` rows (3N, >= S * block); the pair columns are written, not added).
+    conservative design, one atom's three rows at a time, with the sums over neighbours as BLAS
+    products (atom i's rows of ``out`` are rows[i] .. rows[i] + 2, >= S * block columns; the pair
+    columns are written, not added).
 
     For atom i and centre species s, B_s[j, (m, c)] = sum over i's entries e with a neighbour k of s
     of x_j[k] g_m(r_ik) (q_i - q_k)_c, and B_s[P, (m, c)] the same with 1 for x_j[k] (= d phi_(s, m)[i]
     / d q_i, the self gradient, since the list is symmetric). Row (i, c) of block s:
     linear f = (a, m): -[s_i = a] B_s[P, m] - [s_i = s] B_a[P, m];
     quadratic (j, l), l = (a_l, m_l): -(Y[j, l] + Y[l, j]) (diagonal -Y[f, f]) with
-    Y[j, l] = [s_i = s] x_j[i] B_(a_l)[P, m_l] + [s_i = a_l] B_s[j, m_l]."""
+    Y[j, l] = [s_i = s] x_j[i] B_(a_l)[P, m_l] + [s_i = a_l] B_s[j, m_l], formed as a P x P
+    matrix per row and block. Quadratic columns must lie among the pair features.
+
+    B_s = X^T G with X the neighbours' features (and 1), G their g_m d: gathered per atom from its
+    neighbour list; when every atom neighbours every other (paper mode) X is the same for all atoms
+    and :data:`DENSE_BLOCK` atoms share one product."""
     n = x.shape[0]
     m_w = g.shape[1]
     p = n_species * m_w
     mc = 3 * m_w
     nq = qj.shape[0]
+    avec = np.empty(p)
+    y = np.empty((p, p))
+    half = np.empty(nq)                 # the diagonal column is 1/2 x_f^2: -Y[f, f], not -(Y + Y^T)
+    for q in range(nq):
+        half[q] = 0.5 if qj[q] == ql[q] else 1.0
     width = 1
+    dense = True
     for k in range(n):
         width = max(width, start[k + 1] - start[k])
+        if start[k + 1] - start[k] != n - 1:
+            dense = False
+    if dense:
+        for k in range(n):                  # distinct neighbours (no periodic image twice)
+            for e in range(start[k], start[k + 1] - 1):
+                if nb[e + 1] <= nb[e]:
+                    dense = False
+    if dense:
+        counts = np.zeros(n_species, np.int64)
+        slot = np.empty(n, np.int64)
+        for k in range(n):
+            slot[k] = counts[species[k]]
+            counts[species[k]] += 1
+        most = counts.max()
+        xs = np.zeros((n_species, most, p + 1))
+        for k in range(n):
+            xr = xs[species[k], slot[k]]
+            for j in range(p):
+                xr[j] = x[k, j]
+            xr[p] = 1.0
+        gb = np.zeros((n_species, most, DENSE_BLOCK * mc))
+        bb = np.empty((n_species, p + 1, DENSE_BLOCK * mc))
+        for i0 in range(0, n, DENSE_BLOCK):
+            nbk = min(DENSE_BLOCK, n - i0)
+            for ii in range(nbk):
+                i = i0 + ii
+                gb[species[i], slot[i], ii * mc:(ii + 1) * mc] = 0.0     # an atom is not its own neighbour
+                for e in range(start[i], start[i + 1]):
+                    k = nb[e]
+                    gr = gb[species[k], slot[k]]
+                    d0 = geo[e, 0]
+                    d1 = geo[e, 1]
+                    d2 = geo[e, 2]
+                    for m in range(m_w):
+                        gm = g[e, m]
+                        gr[ii * mc + 3 * m] = gm * d0
+                        gr[ii * mc + 3 * m + 1] = gm * d1
+                        gr[ii * mc + 3 * m + 2] = gm * d2
+            for s in range(n_species):          # the last block's unused columns are stale and unread
+                np.dot(xs[s, :counts[s]].T, gb[s, :counts[s]], bb[s])
+            for ii in range(nbk):
+                _assemble_pair_rows(i0 + ii, species, x, bb[:, :, ii * mc:(ii + 1) * mc], n_species, m_w, block,
+                                    n_features, qj, ql, half, avec, y, rows, out)
+        return
     xg = np.empty((n_species, width, p + 1))
     gg = np.empty((n_species, width, mc))
     b = np.zeros((n_species, p + 1, mc))
     cnt = np.zeros(n_species, np.int64)
-    aj = np.empty(nq, np.int64)
-    mj = np.empty(nq, np.int64)
-    al = np.empty(nq, np.int64)
-    ml = np.empty(nq, np.int64)
-    for q in range(nq):
-        aj[q] = qj[q] // m_w
-        mj[q] = 3 * (qj[q] - aj[q] * m_w)
-        al[q] = ql[q] // m_w
-        ml[q] = 3 * (ql[q] - al[q] * m_w)
     for i in range(n):
         cnt[:] = 0
         for e in range(start[i], start[i + 1]):
@@ -175,54 +267,32 @@ def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_fe
                 np.dot(xg[s, :cnt[s]].T, gg[s, :cnt[s]], b[s])
             else:
                 b[s, :, :] = 0.0
-        si = species[i]
-        xi = x[i]
-        for c in range(3):
-            row = out[3 * i + c]
-            for s in range(n_species):
-                own = si == s
-                col0 = s * block
-                colq = col0 + n_features
-                bs = b[s]
-                for f in range(p):
-                    a = f // m_w
-                    m3 = 3 * (f - a * m_w) + c
-                    v = 0.0
-                    if si == a:
-                        v -= bs[p, m3]
-                    if own:
-                        v -= b[a, p, m3]
-                    row[col0 + f] = v
-                for q in range(nq):
-                    j = qj[q]
-                    l = ql[q]
-                    y = 0.0
-                    if own:
-                        y += xi[j] * b[al[q], p, ml[q] + c]
-                    if si == al[q]:
-                        y += bs[j, ml[q] + c]
-                    if j != l:
-                        if own:
-                            y += xi[l] * b[aj[q], p, mj[q] + c]
-                        if si == aj[q]:
-                            y += bs[l, mj[q] + c]
-                    row[colq + q] = -y
+        _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj, ql, half, avec, y, rows, out)
 
 
-def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSpec, out: np.ndarray) -> np.ndarray:
+def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSpec, out: np.ndarray,
+                           rows: np.ndarray | None = None) -> np.ndarray:
     """The conservative design of one frame, like :func:`conservative_feature_rows`: the pair block
-    (linear and quadratic) from :func:`conservative_pair_rows`, the angular linear columns scattered
-    from the Jacobian. Falls back to the scatter kernel when quadratic columns involve angular
-    features. ``out`` (3N, >= S * block) must be zeroed."""
+    (linear and quadratic) from :func:`conservative_pair_rows`, the angular linear columns from
+    the entry Jacobians. Atom i's rows of ``out`` are rows[i] .. rows[i] + 2 (default 3 i), so a
+    caller can lay out several frames and species as it likes; the S * block design columns of
+    those rows are written (nothing else is touched, and ``out`` need not be zeroed). Falls back to
+    the scatter kernel when quadratic columns involve angular features."""
     p = spec.p
     n = terms.x.shape[0]
-    if out.ndim != 2 or out.shape[0] != 3 * n or out.shape[1] < spec.n_species * spec.block:
-        raise ValueError(f"design rows of shape {out.shape}: expected ({3 * n}, >= {spec.n_species * spec.block})")
+    width = spec.n_species * spec.block
+    rows = 3 * np.arange(n, dtype=np.int64) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
+    if (out.ndim != 2 or out.shape[1] < width or rows.shape != (n,)
+            or (n and (rows.min() < 0 or rows.max() + 3 > out.shape[0]))):
+        raise ValueError(f"design rows of shape {out.shape} with atom rows from {rows.min() if n else 0} to "
+                         f"{rows.max() + 2 if n else 0}: expected (>= 3 rows per atom, >= {width} columns)")
     qj, ql = spec.quadratic_pairs()
     if qj.size and max(qj.max(), ql.max()) >= p:
-        return conservative_feature_rows(terms, codes, spec, out)
+        at = (rows[:, None] + np.arange(3)).ravel()
+        out[at, :width] = conservative_feature_rows(terms, codes, spec)
+        return out
     conservative_pair_rows(codes, terms.x, terms.start, terms.nb, terms.geo, terms.g, spec.n_species, spec.block,
-                           spec.n_features, qj, ql, out)
+                           spec.n_features, qj, ql, rows, out)
     if terms.ang is not None:
-        terms.ang.add_design_columns(p, spec.block, out)
+        terms.ang.add_design_columns(p, spec.block, out, rows)
     return out

@@ -311,18 +311,21 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     qj, ql = spec.quadratic_pairs()
     counts = np.bincount(codes, minlength=s_n)
     first = np.concatenate([[0], np.cumsum(counts)])
-    z = np.zeros((3 * n, c + 1)) if kind == "conservative" else None
-    # row buffers and the Gram product, allocated and touched once per chunk (fresh pages fault on
-    # first touch, which costs as much as the copy itself)
-    zbuf = [np.zeros((min(batch, f) * 3 * counts[s], c + 1)) for s in range(s_n)]
+    # one row buffer and the Gram product, allocated and touched once per chunk (fresh pages fault on
+    # first touch, which costs as much as filling them). A batch of frames lies in it species by
+    # species: species s's rows of all its frames are one block (zs[s]), frame q's at q * 3 n_s, so
+    # the conservative rows are written in place (no copy) and each block is one syrk.
+    zbuf = np.zeros((min(batch, f) * 3 * n, c + 1))
     prod = np.zeros((c + 1, c + 1))
+    within = np.arange(n) - first[codes]                 # index of each atom among its species
     for a0 in range(0, f, batch):
         frames = [t for t in range(a0, min(a0 + batch, f)) if split[t] >= 0]
         for sp in range(3):
             sel = [t for t in frames if split[t] == sp]
             if not sel:
                 continue
-            zs = [zbuf[s][:len(sel) * 3 * counts[s]] for s in range(s_n)]
+            off = np.concatenate([[0], np.cumsum(len(sel) * 3 * counts)])
+            zs = [zbuf[off[s]:off[s + 1]] for s in range(s_n)]
             for q, t in enumerate(sel):
                 terms = frame_terms(pos[t], box[t], codes, spec)
                 y = np.array(target[t], dtype=float)
@@ -331,12 +334,9 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                                              neighbour_pairs(pos[t], box[t], max(float(prior[0].max()), 1e-3)))[1]
                     y -= fp if kind == "conservative" else fp * scales[codes][:, None]
                 if kind == "conservative":
-                    z.fill(0.0)
-                    conservative_rows_blas(terms, codes, spec, z)
-                    z[:, c] = y.ravel()
-                    for s in range(s_n):
-                        nr = 3 * counts[s]
-                        zs[s][q * nr:(q + 1) * nr] = z[3 * first[s]:3 * first[s + 1]]
+                    rows = off[codes] + q * 3 * counts[codes] + 3 * within
+                    conservative_rows_blas(terms, codes, spec, zbuf, rows)
+                    zbuf[(rows[:, None] + np.arange(3)).ravel(), c] = y.ravel()
                 else:
                     grad = terms.self_gradient(codes, s_n)
                     for s in range(s_n):
