@@ -38,7 +38,7 @@ from numba import njit
 
 import xarray as xr
 
-from .invariants import check_cutoff, neighbour_pairs, orthorhombic_box, pair_geometry, species_index
+from .invariants import _distance2, check_cutoff, neighbour_pairs, orthorhombic_box, pair_geometry, species_index
 
 __all__ = ["AngularBasis", "AngularArrays", "AngularFrame", "default_angular_basis", "angular_frame",
            "angular_features", "angular_jacobian", "angular_self_gradient",
@@ -218,13 +218,7 @@ def neighbour_csr(pairs, pos, box, cutoff, width, n):
     for q in range(pairs.shape[0]):
         k = pairs[q, 0]
         i = pairs[q, 1]
-        dx = pos[k, 0] - pos[i, 0]
-        dy = pos[k, 1] - pos[i, 1]
-        dz = pos[k, 2] - pos[i, 2]
-        dx -= box[0] * np.rint(dx / box[0])
-        dy -= box[1] * np.rint(dy / box[1])
-        dz -= box[2] * np.rint(dz / box[2])
-        if cutoff <= 0.0 or dx * dx + dy * dy + dz * dz < c2:      # cutoff <= 0: paper mode, every pair
+        if cutoff <= 0.0 or _distance2(k, i, pos, box) < c2:      # cutoff <= 0: paper mode, every pair
             keep[q] = True
             cnt[k + 1] += 1
             cnt[i + 1] += 1
@@ -267,12 +261,8 @@ def _radial(mu, sigma, r, fc, dfc, rad, drad):
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
-    """u^alpha (n_mono,) and its gradient in u, unconstrained, as (3, n_mono); ``pw`` (3, l_max + 2)
-    scratch holding 0, 1, u, u^2, ... so that the derivative a u^(a - 1) needs no branch."""
-    pw[0, 0] = 0.0
-    pw[1, 0] = 0.0
-    pw[2, 0] = 0.0
+def _powers(u0, u1, u2, l_max, pw):
+    """pw[c, e + 1] = u_c^e for e = 0..l_max."""
     pw[0, 1] = 1.0
     pw[1, 1] = 1.0
     pw[2, 1] = 1.0
@@ -280,6 +270,16 @@ def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
         pw[0, e] = pw[0, e - 1] * u0
         pw[1, e] = pw[1, e - 1] * u1
         pw[2, e] = pw[2, e - 1] * u2
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
+    """u^alpha (n_mono,) and its gradient in u, unconstrained, as (3, n_mono); ``pw`` (3, l_max + 2)
+    scratch holding 0, 1, u, u^2, ... so that the derivative a u^(a - 1) needs no branch."""
+    pw[0, 0] = 0.0
+    pw[1, 0] = 0.0
+    pw[2, 0] = 0.0
+    _powers(u0, u1, u2, l_max, pw)
     for t in range(mono.shape[0]):
         a = mono[t, 0]
         b = mono[t, 1]
@@ -296,13 +296,7 @@ def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
 @njit(cache=True, fastmath=_FAST, inline="always")
 def _monomial_values(u0, u1, u2, l_max, mono, pw, um):
     """u^alpha (n_mono,) only (``pw`` as in :func:`_monomials`)."""
-    pw[0, 1] = 1.0
-    pw[1, 1] = 1.0
-    pw[2, 1] = 1.0
-    for e in range(2, l_max + 2):
-        pw[0, e] = pw[0, e - 1] * u0
-        pw[1, e] = pw[1, e - 1] * u1
-        pw[2, e] = pw[2, e - 1] * u2
+    _powers(u0, u1, u2, l_max, pw)
     for t in range(mono.shape[0]):
         um[t] = pw[0, mono[t, 0] + 1] * pw[1, mono[t, 1] + 1] * pw[2, mono[t, 2] + 1]
 
@@ -719,6 +713,19 @@ def _entry_gradient(r, u0, u1, u2, rad, drad, um, gs, ws, mono_p, up, cf, wr, wd
     return radial_u * u0 + d0 / r, radial_u * u1 + d1 / r, radial_u * u2 + d2 / r
 
 
+@njit(cache=True, inline="always")
+def _add_entry_force(f_out, k, i, v0, v1, v2, conservative):
+    """v = dE_k / dd of an entry (d = q_k - q_i): -v on k; on i +v when the forces are conservative
+    (agent: each atom feels only its own loss)."""
+    f_out[k, 0] -= v0
+    f_out[k, 1] -= v1
+    f_out[k, 2] -= v2
+    if conservative:
+        f_out[i, 0] += v0
+        f_out[i, 1] += v1
+        f_out[i, 2] += v2
+
+
 @njit(cache=True, fastmath=_FAST)
 def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_species, mu, sigma, cutoff, width, l_max,
                 mono, mono_p, mono_w, leg, channels):
@@ -743,9 +750,6 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
         if start[k] == start[k + 1]:
             continue
         _centre_adjoint(t_all[k], dh[k], n_species, l_max, mono_p, mono_w, leg, channels, gadj, wdiag, wp)
-        f0 = 0.0
-        f1 = 0.0
-        f2 = 0.0
         for e in range(start[k], start[k + 1]):
             si = species[nb[e]]
             r = geo[e, 3]
@@ -755,18 +759,7 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
             _monomial_values(u0, u1, u2, l_max, mono, pw, um)
             v0, v1, v2 = _entry_gradient(r, u0, u1, u2, rad_all[e, 0], rad_all[e, 1], um, gadj[si], wdiag[si],
                                          mono_p, up, cf, wr, wd)
-            # v = dE_k / dd_e: dE_k/dq_k += v, dE_k/dq_i -= v
-            f0 -= v0
-            f1 -= v1
-            f2 -= v2
-            if conservative:
-                i = nb[e]
-                f_out[i, 0] += v0
-                f_out[i, 1] += v1
-                f_out[i, 2] += v2
-        f_out[k, 0] += f0
-        f_out[k, 1] += f1
-        f_out[k, 2] += f2
+            _add_entry_force(f_out, k, nb[e], v0, v1, v2, conservative)
     return f_out
 
 
@@ -875,26 +868,13 @@ def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, 
                 for mm in range(nr):
                     ek += wdiag[a, nn, mm] * dgk[a, nn, mm]
         energy += ek
-        f0 = 0.0
-        f1 = 0.0
-        f2 = 0.0
         for e in range(start[k], start[k + 1]):
             j = e - start[k]
             si = species[nb[e]]
             r = geo[e, 3]
             v0, v1, v2 = _entry_gradient(r, geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, e_rad[j, 0], e_rad[j, 1],
                                          e_um[j], gadj[si], wdiag[si], mono_p, up, cf, wr, wd)
-            f0 -= v0
-            f1 -= v1
-            f2 -= v2
-            if conservative:
-                i = nb[e]
-                f_out[i, 0] += v0
-                f_out[i, 1] += v1
-                f_out[i, 2] += v2
-        f_out[k, 0] += f0
-        f_out[k, 1] += f1
-        f_out[k, 2] += f2
+            _add_entry_force(f_out, k, nb[e], v0, v1, v2, conservative)
     return f_out, energy
 
 

@@ -116,6 +116,18 @@ def _weight(kind, p, r):
     return w, -p * w / r
 
 
+@njit(cache=True, inline="always")
+def _minimum_image(k, i, pos, box):
+    """q_k - q_i under the minimum-image convention (orthorhombic box)."""
+    dx = pos[k, 0] - pos[i, 0]
+    dy = pos[k, 1] - pos[i, 1]
+    dz = pos[k, 2] - pos[i, 2]
+    dx -= box[0] * np.rint(dx / box[0])
+    dy -= box[1] * np.rint(dy / box[1])
+    dz -= box[2] * np.rint(dz / box[2])
+    return dx, dy, dz
+
+
 @njit(cache=True)
 def pair_geometry(k, i, pos, box, cutoff, width):
     """Minimum-image separation q_k - q_i and the smooth cutoff of pair (k, i).
@@ -123,12 +135,7 @@ def pair_geometry(k, i, pos, box, cutoff, width):
     Returns (inside, dx, dy, dz, r, fc, dfc): ``inside`` is False beyond the cutoff (paper mode,
     cutoff <= 0: always True, fc = 1); fc(r) and dfc = dfc/dr as in the module docstring.
     """
-    dx = pos[k, 0] - pos[i, 0]
-    dy = pos[k, 1] - pos[i, 1]
-    dz = pos[k, 2] - pos[i, 2]
-    dx -= box[0] * np.rint(dx / box[0])
-    dy -= box[1] * np.rint(dy / box[1])
-    dz -= box[2] * np.rint(dz / box[2])
+    dx, dy, dz = _minimum_image(k, i, pos, box)
     r = np.sqrt(dx * dx + dy * dy + dz * dz)
     fc = 1.0
     dfc = 0.0
@@ -199,10 +206,11 @@ def build_cells(pos, box, cutoff):
 
 @njit(cache=True)
 def neighbour_pairs(pos, box, cutoff):
-    """Every unordered pair (k < i) that may lie within ``cutoff`` (cell lists when there are >= 3
-    cells per edge, else all pairs): int64 (n_pairs, 2). Distances are checked by the caller."""
+    """Every unordered pair (k < i) that may lie within ``cutoff`` (all pairs when ``cutoff`` <= 0):
+    int64 (n_pairs, 2), sorted by k then i. Callers check distances themselves (these are the
+    pairs closer than the cutoff, :func:`pairs_within`)."""
     n = pos.shape[0]
-    if cutoff <= 0.0 or box[0] < 3 * cutoff or box[1] < 3 * cutoff or box[2] < 3 * cutoff:
+    if cutoff <= 0.0:
         out = np.empty((n * (n - 1) // 2, 2), np.int64)
         c = 0
         for k in range(n):
@@ -211,30 +219,7 @@ def neighbour_pairs(pos, box, cutoff):
                 out[c, 1] = i
                 c += 1
         return out
-    head, nxt, cell_of, nc = build_cells(pos, box, cutoff)
-    cap = 64
-    out = np.empty((cap, 2), np.int64)
-    c = 0
-    for k in range(n):
-        for ox in range(-1, 2):
-            for oy in range(-1, 2):
-                for oz in range(-1, 2):
-                    cx = (cell_of[k, 0] + ox) % nc[0]
-                    cy = (cell_of[k, 1] + oy) % nc[1]
-                    cz = (cell_of[k, 2] + oz) % nc[2]
-                    i = head[(cx * nc[1] + cy) * nc[2] + cz]
-                    while i >= 0:
-                        if i > k:     # each pair once (>= 3 cells per edge: 27 distinct cells)
-                            if c == cap:
-                                bigger = np.empty((2 * cap, 2), np.int64)
-                                bigger[:cap] = out
-                                out = bigger
-                                cap *= 2
-                            out[c, 0] = k
-                            out[c, 1] = i
-                            c += 1
-                        i = nxt[i]
-    return out[:c]
+    return pairs_within(pos, box, cutoff)
 
 
 @njit(cache=True)
@@ -289,12 +274,7 @@ def pairs_within(pos, box, cutoff):
 
 @njit(cache=True, inline="always")
 def _distance2(k, i, pos, box):
-    dx = pos[k, 0] - pos[i, 0]
-    dy = pos[k, 1] - pos[i, 1]
-    dz = pos[k, 2] - pos[i, 2]
-    dx -= box[0] * np.rint(dx / box[0])
-    dy -= box[1] * np.rint(dy / box[1])
-    dz -= box[2] * np.rint(dz / box[2])
+    dx, dy, dz = _minimum_image(k, i, pos, box)
     return dx * dx + dy * dy + dz * dz
 
 
