@@ -409,8 +409,8 @@ def _jacobian_scratch(n_species, nr, l_max, nm):
     """Work arrays of :func:`_entry_jacobian` (allocated once per kernel call)."""
     nl = l_max + 1
     return (np.empty(nm), np.empty((3, nm)), np.empty((3, l_max + 2)), np.empty((n_species, nr, nl)),
-            np.empty((n_species, nr, nl, 3)), np.empty((nl, 3)), np.empty((n_species, nr, nl, 3)),
-            np.empty((n_species, nr, nl, 3)), np.empty(nm), np.empty(nm), np.empty(nm), np.empty(nm))
+            np.empty((n_species, nr, nl, 3)), np.empty((n_species, nr, nl, 3)), np.empty((n_species, nr, nl, 3)),
+            np.empty(nm), np.empty(nm), np.empty(nm), np.empty(nm))
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -418,7 +418,7 @@ def _entry_jacobian(e, si, tk, geo, rad_all, n_species, l_max, mono, mono_w, leg
     """Write the Jacobian of atom k's features w.r.t. d = q_k - q_nb[e] of its entry e (neighbour of
     species ``si``; ``tk`` = k's moments) into je (Q, 3): rho[si] and every channel with si among
     its species. Other rows of je are left as they are (their derivative is zero)."""
-    um, dum, pw, g, dgv, ds, g1, g2, wum, wd0, wd1, wd2 = scratch
+    um, dum, pw, g, dgv, g1, g2, wum, wd0, wd1, wd2 = scratch
     nr = rad_all.shape[2]
     nm = mono.shape[0]
     nl = l_max + 1
@@ -460,17 +460,31 @@ def _entry_jacobian(e, si, tk, geo, rad_all, n_species, l_max, mono, mono_w, leg
         je[f, 0] = drad[nn] * u0
         je[f, 1] = drad[nn] * u1
         je[f, 2] = drad[nn] * u2
-    # per (b, m, p): u g and (grad g - p g u) / r, shared by every channel that contracts with T[b, m]
+    # per (b, m) and Legendre order l: with gl = sum_p leg[l, p] g_p (and the same for grad g and
+    # p g_p), g1 = u gl and g2 = (grad gl - (sum_p leg[l, p] p g_p) u) / r, shared by every channel
+    # that contracts with T[b, m]: a channel's Jacobian is then R'_n g1 + R_n g2 per side
     for b in range(n_species):
         for mm in range(nr):
-            for p in range(nl):
-                gp = g[b, mm, p]
-                g1[b, mm, p, 0] = u0 * gp
-                g1[b, mm, p, 1] = u1 * gp
-                g1[b, mm, p, 2] = u2 * gp
-                g2[b, mm, p, 0] = (dgv[b, mm, p, 0] - p * gp * u0) / r
-                g2[b, mm, p, 1] = (dgv[b, mm, p, 1] - p * gp * u1) / r
-                g2[b, mm, p, 2] = (dgv[b, mm, p, 2] - p * gp * u2) / r
+            for l in range(nl):
+                gl = 0.0
+                pl = 0.0
+                e0 = 0.0
+                e1 = 0.0
+                e2 = 0.0
+                for p in range(l + 1):
+                    cl = leg[l, p]
+                    gp = g[b, mm, p]
+                    gl += cl * gp
+                    pl += cl * p * gp
+                    e0 += cl * dgv[b, mm, p, 0]
+                    e1 += cl * dgv[b, mm, p, 1]
+                    e2 += cl * dgv[b, mm, p, 2]
+                g1[b, mm, l, 0] = u0 * gl
+                g1[b, mm, l, 1] = u1 * gl
+                g1[b, mm, l, 2] = u2 * gl
+                g2[b, mm, l, 0] = (e0 - pl * u0) / r
+                g2[b, mm, l, 1] = (e1 - pl * u1) / r
+                g2[b, mm, l, 2] = (e2 - pl * u2) / r
     for c in range(nch):
         a = channels[c, 0]
         b = channels[c, 1]
@@ -478,39 +492,27 @@ def _entry_jacobian(e, si, tk, geo, rad_all, n_species, l_max, mono, mono_w, leg
             continue
         nn = channels[c, 2]
         mm = channels[c, 3]
-        # side 0: T[a, n] moves (if a == si), contracted with T[b, m]; side 1: T[b, m] with T[a, n]
-        for p in range(nl):
-            d0 = 0.0
-            d1 = 0.0
-            d2 = 0.0
-            if a == si:
-                ro = rad[nn]
-                dro = drad[nn]
-                d0 += dro * g1[b, mm, p, 0] + ro * g2[b, mm, p, 0]
-                d1 += dro * g1[b, mm, p, 1] + ro * g2[b, mm, p, 1]
-                d2 += dro * g1[b, mm, p, 2] + ro * g2[b, mm, p, 2]
-            if b == si:
-                ro = rad[mm]
-                dro = drad[mm]
-                d0 += dro * g1[a, nn, p, 0] + ro * g2[a, nn, p, 0]
-                d1 += dro * g1[a, nn, p, 1] + ro * g2[a, nn, p, 1]
-                d2 += dro * g1[a, nn, p, 2] + ro * g2[a, nn, p, 2]
-            ds[p, 0] = d0
-            ds[p, 1] = d1
-            ds[p, 2] = d2
         dd = 0.0
         if a == b:          # i = j terms removed: d(R_n R_m)/dr
             dd = drad[nn] * rad[mm] + rad[nn] * drad[mm]
         base = n_species * nr + c * nl
+        # side 0: T[a, n] moves (if a == si), contracted with T[b, m]; side 1: T[b, m] with T[a, n]
         for l in range(nl):
             v0 = -dd * u0
             v1 = -dd * u1
             v2 = -dd * u2
-            for p in range(l + 1):
-                cl = leg[l, p]
-                v0 += cl * ds[p, 0]
-                v1 += cl * ds[p, 1]
-                v2 += cl * ds[p, 2]
+            if a == si:
+                ro = rad[nn]
+                dro = drad[nn]
+                v0 += dro * g1[b, mm, l, 0] + ro * g2[b, mm, l, 0]
+                v1 += dro * g1[b, mm, l, 1] + ro * g2[b, mm, l, 1]
+                v2 += dro * g1[b, mm, l, 2] + ro * g2[b, mm, l, 2]
+            if b == si:
+                ro = rad[mm]
+                dro = drad[mm]
+                v0 += dro * g1[a, nn, l, 0] + ro * g2[a, nn, l, 0]
+                v1 += dro * g1[a, nn, l, 1] + ro * g2[a, nn, l, 1]
+                v2 += dro * g1[a, nn, l, 2] + ro * g2[a, nn, l, 2]
             je[base + l, 0] = v0
             je[base + l, 1] = v1
             je[base + l, 2] = v2
