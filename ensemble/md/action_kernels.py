@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..invariants import pair_geometry
+from ..invariants import _minimum_image, pair_geometry
 
 __all__ = ["radial3", "radial4", "shell3", "switch3", "switch4", "pair_features", "pair_feature_gradients",
            "find_clusters", "model_cluster_hessian", "feature_cluster_hessians", "newton_blocks", "apply_newton"]
@@ -116,17 +116,6 @@ def _u(kinds, params, sigmas, r, cutoff, width, out):
 
 # --------------------------------------------------------------------------- pair features
 @njit(cache=True)
-def _mic(pos, box, i, j):
-    dx = pos[i, 0] - pos[j, 0]
-    dy = pos[i, 1] - pos[j, 1]
-    dz = pos[i, 2] - pos[j, 2]
-    dx -= box[0] * np.rint(dx / box[0])
-    dy -= box[1] * np.rint(dy / box[1])
-    dz -= box[2] * np.rint(dz / box[2])
-    return dx, dy, dz
-
-
-@njit(cache=True)
 def pair_features(pos, vel, box, species, type_of, n_types, kinds, params, sigmas, cutoff, width, inv_mass, pairs,
                   use_k, f_pairs):
     """Features and their gradients at one phase-space point (the design columns of the fit).
@@ -162,7 +151,7 @@ def pair_features(pos, vel, box, species, type_of, n_types, kinds, params, sigma
     for q in range(pairs.shape[0]):
         i = pairs[q, 0]
         j = pairs[q, 1]
-        dx, dy, dz = _mic(pos, box, i, j)
+        dx, dy, dz = _minimum_image(i, j, pos, box)
         r2 = dx * dx + dy * dy + dz * dz
         if r2 >= cutoff * cutoff:
             continue
@@ -225,7 +214,7 @@ def pair_feature_gradients(pos, vel, box, species, type_of, kinds, params, sigma
     for q in range(pairs.shape[0]):
         i = pairs[q, 0]
         j = pairs[q, 1]
-        dx, dy, dz = _mic(pos, box, i, j)
+        dx, dy, dz = _minimum_image(i, j, pos, box)
         r2 = dx * dx + dy * dy + dz * dz
         if r2 >= cutoff * cutoff:
             continue
@@ -283,7 +272,7 @@ def find_clusters(pos, box, pairs, bond_angstrom):
     for q in range(pairs.shape[0]):
         i = pairs[q, 0]
         j = pairs[q, 1]
-        dx, dy, dz = _mic(pos, box, i, j)
+        dx, dy, dz = _minimum_image(i, j, pos, box)
         if dx * dx + dy * dy + dz * dz >= b2:
             continue
         a = i
@@ -518,7 +507,7 @@ def feature_cluster_hessians(pos, vel, box, species, type_of, kinds, params, sig
     for q in range(pairs.shape[0]):
         i = pairs[q, 0]
         j = pairs[q, 1]
-        dx, dy, dz = _mic(pos, box, i, j)
+        dx, dy, dz = _minimum_image(i, j, pos, box)
         r2 = dx * dx + dy * dy + dz * dz
         if r2 >= cutoff * cutoff:
             continue
