@@ -171,24 +171,53 @@ class FeatureSpec:
 
 
 # --------------------------------------------------------------------------- kernels
+@njit(cache=True, inline="always")
+def _pair_entry_terms(e, r, fc, dfc, m_w, kinds, params, g, phi_k, base_k, phi_i, base_i, both):
+    """Weights of one CSR entry: g[e] and its share of phi_k (and of phi_i when ``both``)."""
+    for mm in range(m_w):
+        w, dw = _weight(kinds[mm], params[mm], r)
+        phi_k[base_k + mm] += w * fc
+        if both:
+            phi_i[base_i + mm] += w * fc
+        g[e, mm] = (dw * fc + w * dfc) / r
+
+
 @njit(cache=True)
 def pair_csr_terms(start, nb, geo, species, n_species, kinds, params):
     """Pair invariants phi (N, S * M) and per CSR entry g (E, M) = (w_m fc)'(r) / r, so that the
-    entry's term of phi[k, (s_nb, m)] has derivative g[e, m] * d w.r.t. q_k (d = geo[e, :3])."""
+    entry's term of phi[k, (s_nb, m)] has derivative g[e, m] * d w.r.t. q_k (d = geo[e, :3]).
+
+    The weights of a pair are evaluated once for both of its entries: entry (k, i), k < i, finds its
+    mirror (i, k) with a cursor per atom (each atom's partners below it come first and ascending in
+    the lists of :func:`ensemble.angular.neighbour_csr`); an entry without a mirror where expected
+    is evaluated on its own. Every phi[k] still receives its terms in the order of k's list."""
     n = start.shape[0] - 1
     m_w = kinds.shape[0]
     phi = np.zeros((n, n_species * m_w))
     g = np.empty((nb.shape[0], m_w))
+    done = np.zeros(nb.shape[0], np.bool_)
+    cursor = start[:n].copy()
     for k in range(n):
+        base_k = species[k] * m_w
         for e in range(start[k], start[k + 1]):
-            r = geo[e, 3]
-            fc = geo[e, 4]
-            dfc = geo[e, 5]
-            base = species[nb[e]] * m_w
-            for mm in range(m_w):
-                w, dw = _weight(kinds[mm], params[mm], r)
-                phi[k, base + mm] += w * fc
-                g[e, mm] = (dw * fc + w * dfc) / r
+            i = nb[e]
+            base = species[i] * m_w
+            if i < k:
+                if not done[e]:
+                    _pair_entry_terms(e, geo[e, 3], geo[e, 4], geo[e, 5], m_w, kinds, params, g, phi[k], base,
+                                      phi[k], base, False)
+                continue
+            t = cursor[i]
+            if i > k and t < start[i + 1] and nb[t] == k:
+                cursor[i] = t + 1
+                _pair_entry_terms(e, geo[e, 3], geo[e, 4], geo[e, 5], m_w, kinds, params, g, phi[k], base,
+                                  phi[i], base_k, True)
+                for mm in range(m_w):
+                    g[t, mm] = g[e, mm]
+                done[t] = True
+            else:
+                _pair_entry_terms(e, geo[e, 3], geo[e, 4], geo[e, 5], m_w, kinds, params, g, phi[k], base,
+                                  phi[k], base, False)
     return phi, g
 
 

@@ -332,3 +332,35 @@ def test_blas_conservative_rows_equal_the_scatter_kernel(water, cutoff, angular,
     at = (rows[:, None] + np.arange(3)).ravel()
     assert_allclose(buf[at, :2 * spec.block], a[:, :2 * spec.block], rtol=0, atol=1e-12 * np.abs(a).max())
     assert np.isnan(buf[:, 2 * spec.block:]).all() and np.isnan(np.delete(buf, at, axis=0)).all()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_pair_terms_once_per_pair_equal_a_direct_sum(water, shuffle):
+    """pair_csr_terms evaluates a pair's weights once for both of its entries (the mirror found by a
+    per-atom cursor); against numpy per entry, on the CSR lists as built and on lists whose order is
+    shuffled (mirrors not where the cursor looks: every entry must then be evaluated on its own)."""
+    from ensemble.angular import neighbour_csr
+    from ensemble.features import pair_csr_terms
+    from ensemble.invariants import neighbour_pairs
+
+    ds = water.isel(atom=slice(0, 150))
+    pos = ds["positions"].values[0]
+    box = np.diag(ds["cell"].values)
+    codes, _ = species_index(ds["species"].values, ["H", "O"])
+    start, nb, geo = neighbour_csr(neighbour_pairs(pos, box, 4.0), pos, box, 4.0, 1.0, 150)
+    if shuffle:
+        rng = np.random.default_rng(3)
+        perm = np.concatenate([start[k] + rng.permutation(start[k + 1] - start[k]) for k in range(150)])
+        nb, geo = nb[perm], geo[perm]
+    kinds, params = WS.arrays()
+    phi, g = pair_csr_terms(start, nb, geo, codes, 2, kinds, params)
+    r, fc, dfc = geo[:, 3], geo[:, 4], geo[:, 5]
+    w = np.stack([np.exp(-r), np.exp(-r ** 2 / 8.0), r ** -2.0], axis=1)           # WS: exp(-r), Gauss 2 Å, r^-2
+    dw = np.stack([-np.exp(-r), -r / 4.0 * np.exp(-r ** 2 / 8.0), -2.0 * r ** -3.0], axis=1)
+    want_g = (dw * fc[:, None] + w * dfc[:, None]) / r[:, None]
+    centre = np.repeat(np.arange(150), np.diff(start))
+    want_phi = np.zeros((150, 6))
+    np.add.at(want_phi, (centre[:, None], 3 * codes[nb][:, None] + np.arange(3)), w * fc[:, None])
+    assert nb.size > 1000 and (fc < 1).any()                      # many entries, some inside the switch
+    assert_allclose(g, want_g, rtol=1e-12, atol=1e-15)
+    assert_allclose(phi, want_phi, rtol=1e-12)
