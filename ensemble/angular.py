@@ -408,21 +408,33 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
 def _jacobian_scratch(n_species, nr, l_max, nm):
     """Work arrays of :func:`_entry_jacobian` (allocated once per kernel call)."""
     nl = l_max + 1
-    return (np.empty(nm), np.empty((3, nm)), np.empty((3, l_max + 2)), np.empty((n_species, nr, nl)),
-            np.empty((n_species, nr, nl, 3)), np.empty((n_species, nr, nl, 3)), np.empty((n_species, nr, nl, 3)),
-            np.empty(nm), np.empty(nm), np.empty(nm), np.empty(nm))
+    return (np.empty(nm), np.empty((3, nm)), np.empty((3, l_max + 2)), np.empty((4, nl, n_species * nr)),
+            np.empty((n_species, nr, nl, 3)), np.empty((n_species, nr, nl, 3)), np.empty((nm, n_species * nr)))
+
+
+@njit(cache=True)
+def _transpose_moments(tk, tkt):
+    """tkt[alpha, b * N_r + n] = tk[b, n, alpha]: a centre's moments monomial-major, so that the
+    per-entry contractions run over the (species, radial) pairs in contiguous memory."""
+    nr = tk.shape[1]
+    for b in range(tk.shape[0]):
+        for nn in range(nr):
+            for tt in range(tk.shape[2]):
+                tkt[tt, b * nr + nn] = tk[b, nn, tt]
 
 
 @njit(cache=True, fastmath=_FAST)
-def _entry_jacobian(e, si, tk, geo, rad_all, n_species, l_max, mono, mono_w, leg, channels, scratch, je):
+def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch, je):
     """Write the Jacobian of atom k's features w.r.t. d = q_k - q_nb[e] of its entry e (neighbour of
-    species ``si``; ``tk`` = k's moments) into je (Q, 3): rho[si] and every channel with si among
-    its species. Other rows of je are left as they are (their derivative is zero)."""
-    um, dum, pw, g, dgv, g1, g2, wum, wd0, wd1, wd2 = scratch
+    species ``si``; ``tkt`` = k's moments from :func:`_transpose_moments`) into je (Q, 3): rho[si]
+    and every channel with si among its species. Other rows of je are left as they are (their
+    derivative is zero)."""
+    um, dum, pw, gg, g1, g2, _ = scratch
     nr = rad_all.shape[2]
     nm = mono.shape[0]
     nl = l_max + 1
     nch = channels.shape[0]
+    sb = n_species * nr
     r = geo[e, 3]
     u0 = geo[e, 0] / r
     u1 = geo[e, 1] / r
@@ -430,30 +442,27 @@ def _entry_jacobian(e, si, tk, geo, rad_all, n_species, l_max, mono, mono_w, leg
     rad = rad_all[e, 0]
     drad = rad_all[e, 1]
     _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
+    # per monomial degree p: gg[0, p, (b, m)] = sum_{|alpha|=p} w T[b, m, alpha] u^alpha and in
+    # gg[1:4] its gradient in u, one monomial at a time over the contiguous (b, m)
+    gg[:, :, :] = 0.0
     for tt in range(nm):
-        wum[tt] = mono_w[tt] * um[tt]
-        wd0[tt] = mono_w[tt] * dum[0, tt]
-        wd1[tt] = mono_w[tt] * dum[1, tt]
-        wd2[tt] = mono_w[tt] * dum[2, tt]
-    # per monomial degree p: g[b, m, p] = sum_{|alpha|=p} w T[b, m, alpha] u^alpha and its gradient in u
-    for b in range(n_species):
-        for mm in range(nr):
-            tb = tk[b, mm]
-            for p in range(nl):          # monomials are stored by degree: [p (p+1)(p+2)/6, ...)
-                s0 = 0.0
-                s1 = 0.0
-                s2 = 0.0
-                s3 = 0.0
-                for tt in range(p * (p + 1) * (p + 2) // 6, (p + 1) * (p + 2) * (p + 3) // 6):
-                    w = tb[tt]
-                    s0 += w * wum[tt]
-                    s1 += w * wd0[tt]
-                    s2 += w * wd1[tt]
-                    s3 += w * wd2[tt]
-                g[b, mm, p] = s0
-                dgv[b, mm, p, 0] = s1
-                dgv[b, mm, p, 1] = s2
-                dgv[b, mm, p, 2] = s3
+        p = mono_p[tt]
+        w = mono_w[tt]
+        c0 = w * um[tt]
+        c1 = w * dum[0, tt]
+        c2 = w * dum[1, tt]
+        c3 = w * dum[2, tt]
+        trow = tkt[tt]
+        h0 = gg[0, p]
+        h1 = gg[1, p]
+        h2 = gg[2, p]
+        h3 = gg[3, p]
+        for bm in range(sb):
+            v = trow[bm]
+            h0[bm] += v * c0
+            h1[bm] += v * c1
+            h2[bm] += v * c2
+            h3[bm] += v * c3
     # rho
     for nn in range(nr):
         f = si * nr + nn
@@ -471,14 +480,15 @@ def _entry_jacobian(e, si, tk, geo, rad_all, n_species, l_max, mono, mono_w, leg
                 e0 = 0.0
                 e1 = 0.0
                 e2 = 0.0
+                bm = b * nr + mm
                 for p in range(l + 1):
                     cl = leg[l, p]
-                    gp = g[b, mm, p]
+                    gp = gg[0, p, bm]
                     gl += cl * gp
                     pl += cl * p * gp
-                    e0 += cl * dgv[b, mm, p, 0]
-                    e1 += cl * dgv[b, mm, p, 1]
-                    e2 += cl * dgv[b, mm, p, 2]
+                    e0 += cl * gg[1, p, bm]
+                    e1 += cl * gg[2, p, bm]
+                    e2 += cl * gg[3, p, bm]
                 g1[b, mm, l, 0] = u0 * gl
                 g1[b, mm, l, 1] = u1 * gl
                 g1[b, mm, l, 2] = u2 * gl
@@ -529,10 +539,12 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
     q = n_species * nr + channels.shape[0] * (l_max + 1)
     jac = np.zeros((start[n], q, 3))
     scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
+    tkt = scratch[-1]
     for k in range(n):
+        _transpose_moments(t_all[k], tkt)
         for e in range(start[k], start[k + 1]):
-            _entry_jacobian(e, species[nb[e]], t_all[k], geo, rad_all, n_species, l_max, mono, mono_w, leg, channels,
-                            scratch, jac[e])
+            _entry_jacobian(e, species[nb[e]], tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg,
+                            channels, scratch, jac[e])
     return jac
 
 
@@ -548,11 +560,14 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
     je = np.zeros((q, 3))
     scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
     rel = relevant_features(n_species, nr, l_max, channels)
+    tkt = scratch[-1]
     for k in range(n):
         ok = out[k]
+        _transpose_moments(t_all[k], tkt)
         for e in range(start[k], start[k + 1]):
             si = species[nb[e]]
-            _entry_jacobian(e, si, t_all[k], geo, rad_all, n_species, l_max, mono, mono_w, leg, channels, scratch, je)
+            _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch,
+                            je)
             for t in range(rel.shape[1]):
                 lo = rel[si, t, 0]
                 if lo < 0:
@@ -584,15 +599,18 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
     own = np.zeros((3, q))
     scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
     rel = relevant_features(n_species, nr, l_max, channels)
+    tkt = scratch[-1]
     for k in range(n):
         if start[k] == start[k + 1]:
             continue
         base = species[k] * block + n_pair
         own[:] = 0.0
+        _transpose_moments(t_all[k], tkt)
         for e in range(start[k], start[k + 1]):
             i = nb[e]
             si = species[i]
-            _entry_jacobian(e, si, t_all[k], geo, rad_all, n_species, l_max, mono, mono_w, leg, channels, scratch, je)
+            _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch,
+                            je)
             for c in range(3):
                 ri = out[rows[i] + c]
                 ok = own[c]
