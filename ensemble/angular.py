@@ -426,9 +426,10 @@ def _transpose_moments(tk, tkt):
 @njit(cache=True, fastmath=_FAST)
 def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch, je):
     """Write the Jacobian of atom k's features w.r.t. d = q_k - q_nb[e] of its entry e (neighbour of
-    species ``si``; ``tkt`` = k's moments from :func:`_transpose_moments`) into je (Q, 3): rho[si]
-    and every channel with si among its species. Other rows of je are left as they are (their
-    derivative is zero)."""
+    species ``si``; ``tkt`` = k's moments from :func:`_transpose_moments`) into je (3, Q), xyz-major
+    so that its users add it to rows in contiguous runs: rho[si] and every channel with si among its
+    species (:func:`relevant_features`). Other columns of je are left as they are (their derivative
+    is zero)."""
     um, dum, pw, gg, g1, g2, _ = scratch
     nr = rad_all.shape[2]
     nm = mono.shape[0]
@@ -466,9 +467,9 @@ def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mo
     # rho
     for nn in range(nr):
         f = si * nr + nn
-        je[f, 0] = drad[nn] * u0
-        je[f, 1] = drad[nn] * u1
-        je[f, 2] = drad[nn] * u2
+        je[0, f] = drad[nn] * u0
+        je[1, f] = drad[nn] * u1
+        je[2, f] = drad[nn] * u2
     # per (b, m) and Legendre order l: with gl = sum_p leg[l, p] g_p (and the same for grad g and
     # p g_p), g1 = u gl and g2 = (grad gl - (sum_p leg[l, p] p g_p) u) / r, shared by every channel
     # that contracts with T[b, m]: a channel's Jacobian is then R'_n g1 + R_n g2 per side
@@ -523,9 +524,9 @@ def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mo
                 v0 += dro * g1[a, nn, l, 0] + ro * g2[a, nn, l, 0]
                 v1 += dro * g1[a, nn, l, 1] + ro * g2[a, nn, l, 1]
                 v2 += dro * g1[a, nn, l, 2] + ro * g2[a, nn, l, 2]
-            je[base + l, 0] = v0
-            je[base + l, 1] = v1
-            je[base + l, 2] = v2
+            je[0, base + l] = v0
+            je[1, base + l] = v1
+            je[2, base + l] = v2
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -540,11 +541,21 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
     jac = np.zeros((start[n], q, 3))
     scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
     tkt = scratch[-1]
+    je = np.zeros((3, q))
+    rel = relevant_features(n_species, nr, l_max, channels)
     for k in range(n):
         _transpose_moments(t_all[k], tkt)
         for e in range(start[k], start[k + 1]):
-            _entry_jacobian(e, species[nb[e]], tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg,
-                            channels, scratch, jac[e])
+            si = species[nb[e]]
+            _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch,
+                            je)
+            for t in range(rel.shape[1]):
+                lo = rel[si, t, 0]
+                if lo < 0:
+                    break
+                for f in range(lo, rel[si, t, 1]):
+                    for c in range(3):
+                        jac[e, f, c] = je[c, f]
     return jac
 
 
@@ -557,12 +568,13 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
     nr = mu.shape[0]
     q = n_species * nr + channels.shape[0] * (l_max + 1)
     out = np.zeros((n, q, 3))
-    je = np.zeros((q, 3))
+    je = np.zeros((3, q))
+    own = np.zeros((3, q))
     scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
     rel = relevant_features(n_species, nr, l_max, channels)
     tkt = scratch[-1]
     for k in range(n):
-        ok = out[k]
+        own[:, :] = 0.0
         _transpose_moments(t_all[k], tkt)
         for e in range(start[k], start[k + 1]):
             si = species[nb[e]]
@@ -572,10 +584,13 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
                 lo = rel[si, t, 0]
                 if lo < 0:
                     break
-                for f in range(lo, rel[si, t, 1]):
-                    ok[f, 0] += je[f, 0]
-                    ok[f, 1] += je[f, 1]
-                    ok[f, 2] += je[f, 2]
+                hi = rel[si, t, 1]
+                for c in range(3):
+                    for f in range(lo, hi):
+                        own[c, f] += je[c, f]
+        for f in range(q):
+            for c in range(3):
+                out[k, f, c] = own[c, f]
     return out
 
 
@@ -595,7 +610,7 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
             row = out[rows[i] + c]
             for s in range(n_species):
                 row[s * block + n_pair:s * block + n_pair + q] = 0.0
-    je = np.zeros((q, 3))
+    je = np.zeros((3, q))
     own = np.zeros((3, q))
     scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
     rel = relevant_features(n_species, nr, l_max, channels)
@@ -611,17 +626,17 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
             si = species[i]
             _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch,
                             je)
-            for c in range(3):
-                ri = out[rows[i] + c]
-                ok = own[c]
-                for t in range(rel.shape[1]):
-                    lo = rel[si, t, 0]
-                    if lo < 0:
-                        break
-                    for f in range(lo, rel[si, t, 1]):
-                        v = je[f, c]
-                        ri[base + f] += v
-                        ok[f] += v
+            ri = rows[i]
+            for t in range(rel.shape[1]):
+                lo = rel[si, t, 0]
+                if lo < 0:
+                    break
+                hi = rel[si, t, 1]
+                for c in range(3):
+                    for f in range(lo, hi):
+                        v = je[c, f]
+                        out[ri + c, base + f] += v
+                        own[c, f] += v
         for c in range(3):
             rk = out[rows[k] + c]
             for f in range(q):
