@@ -599,17 +599,14 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
                            cutoff, width, l_max, mono, mono_p, mono_w, leg, channels):
     """Write the angular linear columns of the conservative design into ``out`` (atom i's rows are
     rows[i] .. rows[i] + 2; >= S * block columns): entry e of centre k (species s) adds -J[e] to k's
-    rows and +J[e] to its neighbour's, in block s after the ``n_pair`` pair features, the columns
-    being cleared first. J[e] is computed in a scratch buffer and used at once; k's own rows are
-    summed locally and written once."""
+    rows and +J[e] to its neighbour's, in block s after the ``n_pair`` pair features. J[e] is
+    computed in a scratch buffer and used at once. The sums are taken in a compact buffer (S, N, 3, Q)
+    (a neighbour's three rows are then one contiguous run, not three rows of the wide design) and
+    written into ``out`` at the end."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
     q = n_species * nr + channels.shape[0] * (l_max + 1)
-    for i in range(n):
-        for c in range(3):
-            row = out[rows[i] + c]
-            for s in range(n_species):
-                row[s * block + n_pair:s * block + n_pair + q] = 0.0
+    acc = np.zeros((n_species, n, 3, q))
     je = np.zeros((3, q))
     own = np.zeros((3, q))
     scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
@@ -618,15 +615,14 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
     for k in range(n):
         if start[k] == start[k + 1]:
             continue
-        base = species[k] * block + n_pair
-        own[:] = 0.0
+        sk = species[k]
+        own[:, :] = 0.0
         _transpose_moments(t_all[k], tkt)
         for e in range(start[k], start[k + 1]):
             i = nb[e]
             si = species[i]
             _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch,
                             je)
-            ri = rows[i]
             for t in range(rel.shape[1]):
                 lo = rel[si, t, 0]
                 if lo < 0:
@@ -635,12 +631,18 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
                 for c in range(3):
                     for f in range(lo, hi):
                         v = je[c, f]
-                        out[ri + c, base + f] += v
+                        acc[sk, i, c, f] += v
                         own[c, f] += v
         for c in range(3):
-            rk = out[rows[k] + c]
             for f in range(q):
-                rk[base + f] -= own[c, f]
+                acc[sk, k, c, f] -= own[c, f]
+    for i in range(n):
+        for c in range(3):
+            r = rows[i] + c
+            for s in range(n_species):
+                col = s * block + n_pair
+                for f in range(q):
+                    out[r, col + f] = acc[s, i, c, f]
 
 
 @njit(cache=True)
