@@ -562,35 +562,96 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
 @njit(cache=True, fastmath=_FAST)
 def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu, sigma, cutoff, width, l_max, mono,
                           mono_p, mono_w, leg, channels):
-    """d x[k] / d q_k (N, Q, 3) with the other atoms fixed: the sum of k's entry Jacobians, each
-    computed in a scratch buffer (the agent kind's gradient)."""
+    """d x[k] / d q_k (N, Q, 3) with the other atoms fixed (the agent kind's gradient), through
+    gradient moments rather than entry Jacobians.
+
+    Moving q_k moves every d_j = q_k - q_j by the same amount, so d x[k] / d q_k needs only the sums
+    over k's entries G[a, n, c, alpha] = sum_{j of a} d(R_n(r_j) u_j^alpha) / d d_j,c
+    = sum_j R_n' u_c u^alpha + R_n / r (d u^alpha / d u_c - |alpha| u^alpha u_c) and
+    DD[a, n, m, c] = sum_j (R_n' R_m + R_n R_m') u_c. Then rho[a, n] has gradient G[a, n, :, 0] and
+    channel (a, b, n, m), order l: sum_p leg[l, p] sum_{|alpha| = p} w_alpha (G[a, n, c, alpha]
+    T[b, m, alpha] + T[a, n, alpha] G[b, m, c, alpha]) - [a == b] DD[a, n, m, c]. Per entry that is
+    3 x n_mono x N_r values to add; the contraction with T is done once per centre."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
-    q = n_species * nr + channels.shape[0] * (l_max + 1)
+    nm = mono.shape[0]
+    nl = l_max + 1
+    sr = n_species * nr
+    q = sr + channels.shape[0] * nl
     out = np.zeros((n, q, 3))
-    je = np.zeros((3, q))
-    own = np.zeros((3, q))
-    scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
-    rel = relevant_features(n_species, nr, l_max, channels)
-    tkt = scratch[-1]
+    gm = np.empty((sr, 3, nm))
+    dd = np.empty((sr, nr, 3))
+    mp = np.empty((sr, 3, sr, nl))          # M[(a, n), c, (b, m), p] = sum_{|alpha|=p} w G[a,n,c,alpha] T[b,m,alpha]
+    ua = np.empty((3, nm))
+    ub = np.empty((3, nm))
+    um = np.empty(nm)
+    dum = np.empty((3, nm))
+    pw = np.empty((3, l_max + 2))
+    tw = np.empty((sr, nm))
     for k in range(n):
-        own[:, :] = 0.0
-        _transpose_moments(t_all[k], tkt)
+        gm[:, :, :] = 0.0
+        dd[:, :, :] = 0.0
         for e in range(start[k], start[k + 1]):
-            si = species[nb[e]]
-            _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch,
-                            je)
-            for t in range(rel.shape[1]):
-                lo = rel[si, t, 0]
-                if lo < 0:
-                    break
-                hi = rel[si, t, 1]
+            a = species[nb[e]]
+            r = geo[e, 3]
+            u0 = geo[e, 0] / r
+            u1 = geo[e, 1] / r
+            u2 = geo[e, 2] / r
+            inv_r = 1.0 / r
+            _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
+            for t in range(nm):
+                v = um[t]
+                pu = mono_p[t] * v
+                ua[0, t] = u0 * v
+                ua[1, t] = u1 * v
+                ua[2, t] = u2 * v
+                ub[0, t] = (dum[0, t] - pu * u0) * inv_r
+                ub[1, t] = (dum[1, t] - pu * u1) * inv_r
+                ub[2, t] = (dum[2, t] - pu * u2) * inv_r
+            for nn in range(nr):
+                ro = rad_all[e, 0, nn]
+                dro = rad_all[e, 1, nn]
+                an = a * nr + nn
                 for c in range(3):
-                    for f in range(lo, hi):
-                        own[c, f] += je[c, f]
-        for f in range(q):
+                    for t in range(nm):
+                        gm[an, c, t] += dro * ua[c, t] + ro * ub[c, t]
+                for m2 in range(nr):
+                    w = dro * rad_all[e, 0, m2] + ro * rad_all[e, 1, m2]
+                    dd[an, m2, 0] += w * u0
+                    dd[an, m2, 1] += w * u1
+                    dd[an, m2, 2] += w * u2
+        # T weighted by the multinomial weights, (species, radial) flattened
+        for b in range(n_species):
+            for m2 in range(nr):
+                for t in range(nm):
+                    tw[b * nr + m2, t] = mono_w[t] * t_all[k, b, m2, t]
+        for an in range(sr):
             for c in range(3):
-                out[k, f, c] = own[c, f]
+                g = gm[an, c]
+                for bm in range(sr):
+                    tb = tw[bm]
+                    for p in range(nl):
+                        v = 0.0
+                        for t in range(p * (p + 1) * (p + 2) // 6, (p + 1) * (p + 2) * (p + 3) // 6):
+                            v += g[t] * tb[t]
+                        mp[an, c, bm, p] = v
+        for an in range(sr):
+            for c in range(3):
+                out[k, an, c] = gm[an, c, 0]            # rho: the alpha = 0 moment
+        for ch in range(channels.shape[0]):
+            a = channels[ch, 0]
+            b = channels[ch, 1]
+            an = a * nr + channels[ch, 2]
+            bm = b * nr + channels[ch, 3]
+            base = sr + ch * nl
+            for l in range(nl):
+                for c in range(3):
+                    v = 0.0
+                    for p in range(l + 1):
+                        v += leg[l, p] * (mp[an, c, bm, p] + mp[bm, c, an, p])
+                    if a == b:
+                        v -= dd[an, channels[ch, 3], c]
+                    out[k, base + l, c] = v
     return out
 
 
