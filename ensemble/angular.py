@@ -409,7 +409,7 @@ def _jacobian_scratch(n_species, nr, l_max, nm):
     """Work arrays of :func:`_entry_jacobian` (allocated once per kernel call)."""
     nl = l_max + 1
     return (np.empty(nm), np.empty((3, nm)), np.empty((3, l_max + 2)), np.empty((4, nl, n_species * nr)),
-            np.empty((n_species, nr, nl, 3)), np.empty((n_species, nr, nl, 3)), np.empty((nm, n_species * nr)))
+            np.empty((n_species * nr, 3 * nl)), np.empty((n_species * nr, 3 * nl)), np.empty((nm, n_species * nr)))
 
 
 @njit(cache=True)
@@ -423,25 +423,21 @@ def _transpose_moments(tk, tkt):
                 tkt[tt, b * nr + nn] = tk[b, nn, tt]
 
 
-@njit(cache=True, fastmath=_FAST)
-def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch, je):
-    """Write the Jacobian of atom k's features w.r.t. d = q_k - q_nb[e] of its entry e (neighbour of
-    species ``si``; ``tkt`` = k's moments from :func:`_transpose_moments`) into je (3, Q), xyz-major
-    so that its users add it to rows in contiguous runs: rho[si] and every channel with si among its
-    species (:func:`relevant_features`). Other columns of je are left as they are (their derivative
-    is zero)."""
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _entry_contractions(e, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, scratch):
+    """The per-entry factors every angular derivative of a centre's features is made of: for entry e
+    (d = q_k - q_nb[e], ``tkt`` = k's moments from :func:`_transpose_moments`), per (species b,
+    radial m) of the moment contracted with and Legendre order l, g1[(b, m), 3 l + c] and
+    g2[(b, m), 3 l + c] (in ``scratch``) such that the derivative of channel (a, b, n, m), order l,
+    w.r.t. d through the entry's own term of T[a, n] is R_n' g1 + R_n g2. Returns (u0, u1, u2)."""
     um, dum, pw, gg, g1, g2, _ = scratch
-    nr = rad_all.shape[2]
     nm = mono.shape[0]
     nl = l_max + 1
-    nch = channels.shape[0]
     sb = n_species * nr
     r = geo[e, 3]
     u0 = geo[e, 0] / r
     u1 = geo[e, 1] / r
     u2 = geo[e, 2] / r
-    rad = rad_all[e, 0]
-    drad = rad_all[e, 1]
     _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
     # per monomial degree p: gg[0, p, (b, m)] = sum_{|alpha|=p} w T[b, m, alpha] u^alpha and in
     # gg[1:4] its gradient in u, one monomial at a time over the contiguous (b, m)
@@ -464,12 +460,6 @@ def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mo
             h1[bm] += v * c1
             h2[bm] += v * c2
             h3[bm] += v * c3
-    # rho
-    for nn in range(nr):
-        f = si * nr + nn
-        je[0, f] = drad[nn] * u0
-        je[1, f] = drad[nn] * u1
-        je[2, f] = drad[nn] * u2
     # per (b, m) and Legendre order l: with gl = sum_p leg[l, p] g_p (and the same for grad g and
     # p g_p), g1 = u gl and g2 = (grad gl - (sum_p leg[l, p] p g_p) u) / r, shared by every channel
     # that contracts with T[b, m]: a channel's Jacobian is then R'_n g1 + R_n g2 per side
@@ -490,12 +480,36 @@ def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mo
                     e0 += cl * gg[1, p, bm]
                     e1 += cl * gg[2, p, bm]
                     e2 += cl * gg[3, p, bm]
-                g1[b, mm, l, 0] = u0 * gl
-                g1[b, mm, l, 1] = u1 * gl
-                g1[b, mm, l, 2] = u2 * gl
-                g2[b, mm, l, 0] = (e0 - pl * u0) / r
-                g2[b, mm, l, 1] = (e1 - pl * u1) / r
-                g2[b, mm, l, 2] = (e2 - pl * u2) / r
+                g1[bm, 3 * l] = u0 * gl
+                g1[bm, 3 * l + 1] = u1 * gl
+                g1[bm, 3 * l + 2] = u2 * gl
+                g2[bm, 3 * l] = (e0 - pl * u0) / r
+                g2[bm, 3 * l + 1] = (e1 - pl * u1) / r
+                g2[bm, 3 * l + 2] = (e2 - pl * u2) / r
+    return u0, u1, u2
+
+
+@njit(cache=True, fastmath=_FAST)
+def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch, je):
+    """Write the Jacobian of atom k's features w.r.t. d = q_k - q_nb[e] of its entry e (neighbour of
+    species ``si``; ``tkt`` = k's moments from :func:`_transpose_moments`) into je (3, Q), xyz-major
+    so that its users add it to rows in contiguous runs: rho[si] and every channel with si among its
+    species (:func:`relevant_features`). Other columns of je are left as they are (their derivative
+    is zero)."""
+    g1 = scratch[4]
+    g2 = scratch[5]
+    nr = rad_all.shape[2]
+    nl = l_max + 1
+    nch = channels.shape[0]
+    rad = rad_all[e, 0]
+    drad = rad_all[e, 1]
+    u0, u1, u2 = _entry_contractions(e, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, scratch)
+    # rho
+    for nn in range(nr):
+        f = si * nr + nn
+        je[0, f] = drad[nn] * u0
+        je[1, f] = drad[nn] * u1
+        je[2, f] = drad[nn] * u2
     for c in range(nch):
         a = channels[c, 0]
         b = channels[c, 1]
@@ -515,15 +529,17 @@ def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mo
             if a == si:
                 ro = rad[nn]
                 dro = drad[nn]
-                v0 += dro * g1[b, mm, l, 0] + ro * g2[b, mm, l, 0]
-                v1 += dro * g1[b, mm, l, 1] + ro * g2[b, mm, l, 1]
-                v2 += dro * g1[b, mm, l, 2] + ro * g2[b, mm, l, 2]
+                bm = b * nr + mm
+                v0 += dro * g1[bm, 3 * l] + ro * g2[bm, 3 * l]
+                v1 += dro * g1[bm, 3 * l + 1] + ro * g2[bm, 3 * l + 1]
+                v2 += dro * g1[bm, 3 * l + 2] + ro * g2[bm, 3 * l + 2]
             if b == si:
                 ro = rad[mm]
                 dro = drad[mm]
-                v0 += dro * g1[a, nn, l, 0] + ro * g2[a, nn, l, 0]
-                v1 += dro * g1[a, nn, l, 1] + ro * g2[a, nn, l, 1]
-                v2 += dro * g1[a, nn, l, 2] + ro * g2[a, nn, l, 2]
+                an = a * nr + nn
+                v0 += dro * g1[an, 3 * l] + ro * g2[an, 3 * l]
+                v1 += dro * g1[an, 3 * l + 1] + ro * g2[an, 3 * l + 1]
+                v2 += dro * g1[an, 3 * l + 2] + ro * g2[an, 3 * l + 2]
             je[0, base + l] = v0
             je[1, base + l] = v1
             je[2, base + l] = v2
@@ -656,54 +672,119 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
 
 
 @njit(cache=True, fastmath=_FAST)
+def _map_factored(xf, dd, rho, si, n_species, nr, nl, channels, sign, out):
+    """Add sign x (the entry-Jacobian sum held in factored form) to out (3, Q): entries whose moving
+    atom is a neighbour of species ``si``, summed as xf[n, (b, m) * 3 nl + 3 l + c] = sum R_n' g1 +
+    R_n g2 (:func:`_entry_contractions`), dd[n, m, c] = sum (R_n' R_m + R_n R_m') u_c and
+    rho[n, c] = sum R_n' u_c. Channel (a, b, n, m), order l: [a == si] xf[n, (b, m), l] +
+    [b == si] xf[m, (a, n), l] - [a == b == si] dd[n, m]; rho[si, n]: rho[n]."""
+    sb = n_species * nr
+    w3 = 3 * nl
+    for nn in range(nr):
+        for c in range(3):
+            out[c, si * nr + nn] += sign * rho[nn, c]
+    for ch in range(channels.shape[0]):
+        a = channels[ch, 0]
+        b = channels[ch, 1]
+        if a != si and b != si:
+            continue
+        nn = channels[ch, 2]
+        mm = channels[ch, 3]
+        base = sb + ch * nl
+        for l in range(nl):
+            for c in range(3):
+                v = 0.0
+                if a == si:
+                    v += xf[nn, (b * nr + mm) * w3 + 3 * l + c]
+                if b == si:
+                    v += xf[mm, (a * nr + nn) * w3 + 3 * l + c]
+                if a == b:
+                    v -= dd[nn, mm, c]
+                out[c, base + l] += sign * v
+
+
+@njit(cache=True, fastmath=_FAST)
 def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, block, rows, out, n_species, mu, sigma,
                            cutoff, width, l_max, mono, mono_p, mono_w, leg, channels):
     """Write the angular linear columns of the conservative design into ``out`` (atom i's rows are
     rows[i] .. rows[i] + 2; >= S * block columns): entry e of centre k (species s) adds -J[e] to k's
-    rows and +J[e] to its neighbour's, in block s after the ``n_pair`` pair features. J[e] is
-    computed in a scratch buffer and used at once. The sums are taken in a compact buffer (S, N, 3, Q)
-    (a neighbour's three rows are then one contiguous run, not three rows of the wide design) and
-    written into ``out`` at the end."""
+    rows and +J[e] to its neighbour's, in block s after the ``n_pair`` pair features.
+
+    J[e] is never formed. Every channel's entry Jacobian is R_n' g1 + R_n g2 on a moving side
+    (:func:`_entry_contractions`), so the entries are summed in factored form, per moving atom and
+    centre species: X[n, (b, m), l, xyz] += R_n' g1 + R_n g2 (N_r x S N_r x 3 (l_max + 1) values
+    per entry, contiguous), the i = j terms and rho beside them; the channel values are formed from
+    the sums once per atom (:func:`_map_factored`). Entries with the same moving atom as neighbour
+    all have its species, the centre's own sums are kept per neighbour species."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
-    q = n_species * nr + channels.shape[0] * (l_max + 1)
-    acc = np.zeros((n_species, n, 3, q))
-    je = np.zeros((3, q))
-    own = np.zeros((3, q))
+    nl = l_max + 1
+    sb = n_species * nr
+    w3 = 3 * nl
+    wx = sb * w3
+    q = sb + channels.shape[0] * nl
+    acc_x = np.zeros((n_species, n, nr, wx))       # moved as a neighbour, per species of the centre
+    acc_d = np.zeros((n_species, n, nr, nr, 3))
+    acc_r = np.zeros((n_species, n, nr, 3))
+    own_x = np.empty((n_species, nr, wx))          # moved as the centre, per species of the neighbour
+    own_d = np.empty((n_species, nr, nr, 3))
+    own_r = np.empty((n_species, nr, 3))
+    own_f = np.zeros((n, 3, q))
     scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
-    rel = relevant_features(n_species, nr, l_max, channels)
+    g1 = scratch[4]
+    g2 = scratch[5]
     tkt = scratch[-1]
     for k in range(n):
         if start[k] == start[k + 1]:
             continue
         sk = species[k]
-        own[:, :] = 0.0
+        own_x[:, :, :] = 0.0
+        own_d[:, :, :, :] = 0.0
+        own_r[:, :, :] = 0.0
         _transpose_moments(t_all[k], tkt)
         for e in range(start[k], start[k + 1]):
             i = nb[e]
             si = species[i]
-            _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch,
-                            je)
-            for t in range(rel.shape[1]):
-                lo = rel[si, t, 0]
-                if lo < 0:
-                    break
-                hi = rel[si, t, 1]
-                for c in range(3):
-                    for f in range(lo, hi):
-                        v = je[c, f]
-                        acc[sk, i, c, f] += v
-                        own[c, f] += v
-        for c in range(3):
-            for f in range(q):
-                acc[sk, k, c, f] -= own[c, f]
+            u0, u1, u2 = _entry_contractions(e, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, scratch)
+            for nn in range(nr):
+                ro = rad_all[e, 0, nn]
+                dro = rad_all[e, 1, nn]
+                for bm in range(sb):
+                    off = bm * w3
+                    for j in range(w3):
+                        v = dro * g1[bm, j] + ro * g2[bm, j]
+                        acc_x[sk, i, nn, off + j] += v
+                        own_x[si, nn, off + j] += v
+                acc_r[sk, i, nn, 0] += dro * u0
+                acc_r[sk, i, nn, 1] += dro * u1
+                acc_r[sk, i, nn, 2] += dro * u2
+                own_r[si, nn, 0] += dro * u0
+                own_r[si, nn, 1] += dro * u1
+                own_r[si, nn, 2] += dro * u2
+                for mm in range(nr):
+                    w = dro * rad_all[e, 0, mm] + ro * rad_all[e, 1, mm]
+                    acc_d[sk, i, nn, mm, 0] += w * u0
+                    acc_d[sk, i, nn, mm, 1] += w * u1
+                    acc_d[sk, i, nn, mm, 2] += w * u2
+                    own_d[si, nn, mm, 0] += w * u0
+                    own_d[si, nn, mm, 1] += w * u1
+                    own_d[si, nn, mm, 2] += w * u2
+        for a in range(n_species):
+            _map_factored(own_x[a], own_d[a], own_r[a], a, n_species, nr, nl, channels, -1.0, own_f[k])
+    col = np.zeros((3, q))
     for i in range(n):
-        for c in range(3):
-            r = rows[i] + c
-            for s in range(n_species):
-                col = s * block + n_pair
+        si = species[i]
+        for s in range(n_species):
+            if s == si:
+                col[:, :] = own_f[i]
+            else:
+                col[:, :] = 0.0
+            _map_factored(acc_x[s, i], acc_d[s, i], acc_r[s, i], si, n_species, nr, nl, channels, 1.0, col)
+            c0 = s * block + n_pair
+            for c in range(3):
+                r = rows[i] + c
                 for f in range(q):
-                    out[r, col + f] = acc[s, i, c, f]
+                    out[r, c0 + f] = col[c, f]
 
 
 @njit(cache=True)
