@@ -672,6 +672,73 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
 
 
 @njit(cache=True, fastmath=_FAST)
+def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw, um, dum, cf, gg, uu,
+                         g1, g2):
+    """:func:`_entry_contractions` for all entries e0 .. e1 - 1 of one centre at once, the entries
+    being the inner (vectorised) dimension of the moment contraction: cf (n_mono, 4, E) holds the
+    weighted monomials and their gradients, gg (l_max + 1, 4, S N_r, E) the contractions per degree.
+    Writes uu (E, 4) = (u, r) and g1, g2 (E, S N_r x 3 (l_max + 1)), index (b, m) 3 (l_max + 1) + 3 l + xyz."""
+    nm = mono.shape[0]
+    nl = l_max + 1
+    sb = n_species * nr
+    ne = e1 - e0
+    for t in range(ne):
+        e = e0 + t
+        r = geo[e, 3]
+        u0 = geo[e, 0] / r
+        u1 = geo[e, 1] / r
+        u2 = geo[e, 2] / r
+        uu[t, 0] = u0
+        uu[t, 1] = u1
+        uu[t, 2] = u2
+        uu[t, 3] = r
+        _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
+        for tt in range(nm):
+            w = mono_w[tt]
+            cf[tt, 0, t] = w * um[tt]
+            cf[tt, 1, t] = w * dum[0, tt]
+            cf[tt, 2, t] = w * dum[1, tt]
+            cf[tt, 3, t] = w * dum[2, tt]
+    gg[:, :, :, :ne] = 0.0
+    for tt in range(nm):
+        p = mono_p[tt]
+        for bm in range(sb):
+            v = tkt[tt, bm]
+            for q in range(4):
+                row = gg[p, q, bm]
+                c = cf[tt, q]
+                for t in range(ne):
+                    row[t] += v * c[t]
+    for t in range(ne):
+        u0 = uu[t, 0]
+        u1 = uu[t, 1]
+        u2 = uu[t, 2]
+        inv_r = 1.0 / uu[t, 3]
+        for bm in range(sb):
+            for l in range(nl):
+                gl = 0.0
+                pl = 0.0
+                d0 = 0.0
+                d1 = 0.0
+                d2 = 0.0
+                for p in range(l + 1):
+                    cl = leg[l, p]
+                    gp = gg[p, 0, bm, t]
+                    gl += cl * gp
+                    pl += cl * p * gp
+                    d0 += cl * gg[p, 1, bm, t]
+                    d1 += cl * gg[p, 2, bm, t]
+                    d2 += cl * gg[p, 3, bm, t]
+                j = bm * 3 * nl + 3 * l
+                g1[t, j] = u0 * gl
+                g1[t, j + 1] = u1 * gl
+                g1[t, j + 2] = u2 * gl
+                g2[t, j] = (d0 - pl * u0) * inv_r
+                g2[t, j + 1] = (d1 - pl * u1) * inv_r
+                g2[t, j + 2] = (d2 - pl * u2) * inv_r
+
+
+@njit(cache=True, fastmath=_FAST)
 def _map_factored(xf, dd, rho, si, n_species, nr, nl, channels, sign, out):
     """Add sign x (the entry-Jacobian sum held in factored form) to out (3, Q): entries whose moving
     atom is a neighbour of species ``si``, summed as xf[n, (b, m) * 3 nl + 3 l + c] = sum R_n' g1 +
@@ -730,10 +797,19 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
     own_d = np.empty((n_species, nr, nr, 3))
     own_r = np.empty((n_species, nr, 3))
     own_f = np.zeros((n, 3, q))
-    scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
-    g1 = scratch[4]
-    g2 = scratch[5]
-    tkt = scratch[-1]
+    nm = mono.shape[0]
+    most = 1
+    for k in range(n):
+        most = max(most, start[k + 1] - start[k])
+    tkt = np.empty((nm, sb))
+    pw = np.empty((3, l_max + 2))
+    um = np.empty(nm)
+    dum = np.empty((3, nm))
+    cf = np.empty((nm, 4, most))
+    gg = np.empty((nl, 4, sb, most))
+    uu = np.empty((most, 4))
+    g1 = np.empty((most, wx))
+    g2 = np.empty((most, wx))
     for k in range(n):
         if start[k] == start[k + 1]:
             continue
@@ -742,19 +818,22 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
         own_d[:, :, :, :] = 0.0
         own_r[:, :, :] = 0.0
         _transpose_moments(t_all[k], tkt)
+        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw,
+                             um, dum, cf, gg, uu, g1, g2)
         for e in range(start[k], start[k + 1]):
             i = nb[e]
             si = species[i]
-            u0, u1, u2 = _entry_contractions(e, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, scratch)
+            t = e - start[k]
+            u0 = uu[t, 0]
+            u1 = uu[t, 1]
+            u2 = uu[t, 2]
             for nn in range(nr):
                 ro = rad_all[e, 0, nn]
                 dro = rad_all[e, 1, nn]
-                for bm in range(sb):
-                    off = bm * w3
-                    for j in range(w3):
-                        v = dro * g1[bm, j] + ro * g2[bm, j]
-                        acc_x[sk, i, nn, off + j] += v
-                        own_x[si, nn, off + j] += v
+                for j in range(wx):
+                    v = dro * g1[t, j] + ro * g2[t, j]
+                    acc_x[sk, i, nn, j] += v
+                    own_x[si, nn, j] += v
                 acc_r[sk, i, nn, 0] += dro * u0
                 acc_r[sk, i, nn, 1] += dro * u1
                 acc_r[sk, i, nn, 2] += dro * u2
