@@ -405,11 +405,17 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
 
 
 @njit(cache=True)
-def _jacobian_scratch(n_species, nr, l_max, nm):
-    """Work arrays of :func:`_entry_jacobian` (allocated once per kernel call)."""
+def _contraction_scratch(start, n_species, nr, l_max, nm):
+    """Work arrays of :func:`_centre_contractions` for the centres of a CSR list (allocated once per
+    kernel call): tkt, pw, um, dum, cf, gg, uu, g1, g2."""
     nl = l_max + 1
-    return (np.empty(nm), np.empty((3, nm)), np.empty((3, l_max + 2)), np.empty((4, nl, n_species * nr)),
-            np.empty((n_species * nr, 3 * nl)), np.empty((n_species * nr, 3 * nl)), np.empty((nm, n_species * nr)))
+    sb = n_species * nr
+    most = 1
+    for k in range(start.shape[0] - 1):
+        most = max(most, start[k + 1] - start[k])
+    return (np.empty((nm, sb)), np.empty((3, l_max + 2)), np.empty(nm), np.empty((3, nm)), np.empty((nm, 4, most)),
+            np.empty((nl, 4, sb, most)), np.empty((most, 4)), np.empty((most, sb * 3 * nl)),
+            np.empty((most, sb * 3 * nl)))
 
 
 @njit(cache=True)
@@ -423,87 +429,96 @@ def _transpose_moments(tk, tkt):
                 tkt[tt, b * nr + nn] = tk[b, nn, tt]
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
-def _entry_contractions(e, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, scratch):
-    """The per-entry factors every angular derivative of a centre's features is made of: for entry e
-    (d = q_k - q_nb[e], ``tkt`` = k's moments from :func:`_transpose_moments`), per (species b,
-    radial m) of the moment contracted with and Legendre order l, g1[(b, m), 3 l + c] and
-    g2[(b, m), 3 l + c] (in ``scratch``) such that the derivative of channel (a, b, n, m), order l,
-    w.r.t. d through the entry's own term of T[a, n] is R_n' g1 + R_n g2. Returns (u0, u1, u2)."""
-    um, dum, pw, gg, g1, g2, _ = scratch
+@njit(cache=True, fastmath=_FAST)
+def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw, um, dum, cf, gg, uu,
+                         g1, g2):
+    """The per-entry factors every angular derivative of a centre's features is made of, for the
+    centre's entries e0 .. e1 - 1 (d = q_k - q_nb[e], ``tkt`` = k's moments from
+    :func:`_transpose_moments`): per (species b, radial m) of the moment contracted with and
+    Legendre order l, g1 and g2 such that the derivative of channel (a, b, n, m), order l, w.r.t. d
+    through the entry's own term of T[a, n] is R_n' g1 + R_n g2. With
+    g_p = sum_{|alpha|=p} w_alpha T[b, m, alpha] u^alpha and gl = sum_p leg[l, p] g_p (the same for
+    its gradient in u and for p g_p): g1 = u gl, g2 = (grad gl - (sum_p leg[l, p] p g_p) u) / r.
+
+    The entries are the inner (vectorised) dimension of the moment contraction: cf (n_mono, 4, E)
+    holds the weighted monomials and their gradients, gg (l_max + 1, 4, S N_r, E) the contractions
+    per degree. Writes uu (E, 4) = (u, r) and g1, g2 (E, S N_r x 3 (l_max + 1)), index
+    (b N_r + m) 3 (l_max + 1) + 3 l + xyz."""
     nm = mono.shape[0]
     nl = l_max + 1
     sb = n_species * nr
-    r = geo[e, 3]
-    u0 = geo[e, 0] / r
-    u1 = geo[e, 1] / r
-    u2 = geo[e, 2] / r
-    _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
-    # per monomial degree p: gg[0, p, (b, m)] = sum_{|alpha|=p} w T[b, m, alpha] u^alpha and in
-    # gg[1:4] its gradient in u, one monomial at a time over the contiguous (b, m)
-    gg[:, :, :] = 0.0
+    ne = e1 - e0
+    for t in range(ne):
+        e = e0 + t
+        r = geo[e, 3]
+        u0 = geo[e, 0] / r
+        u1 = geo[e, 1] / r
+        u2 = geo[e, 2] / r
+        uu[t, 0] = u0
+        uu[t, 1] = u1
+        uu[t, 2] = u2
+        uu[t, 3] = r
+        _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
+        for tt in range(nm):
+            w = mono_w[tt]
+            cf[tt, 0, t] = w * um[tt]
+            cf[tt, 1, t] = w * dum[0, tt]
+            cf[tt, 2, t] = w * dum[1, tt]
+            cf[tt, 3, t] = w * dum[2, tt]
+    gg[:, :, :, :ne] = 0.0
     for tt in range(nm):
         p = mono_p[tt]
-        w = mono_w[tt]
-        c0 = w * um[tt]
-        c1 = w * dum[0, tt]
-        c2 = w * dum[1, tt]
-        c3 = w * dum[2, tt]
-        trow = tkt[tt]
-        h0 = gg[0, p]
-        h1 = gg[1, p]
-        h2 = gg[2, p]
-        h3 = gg[3, p]
         for bm in range(sb):
-            v = trow[bm]
-            h0[bm] += v * c0
-            h1[bm] += v * c1
-            h2[bm] += v * c2
-            h3[bm] += v * c3
-    # per (b, m) and Legendre order l: with gl = sum_p leg[l, p] g_p (and the same for grad g and
-    # p g_p), g1 = u gl and g2 = (grad gl - (sum_p leg[l, p] p g_p) u) / r, shared by every channel
-    # that contracts with T[b, m]: a channel's Jacobian is then R'_n g1 + R_n g2 per side
-    for b in range(n_species):
-        for mm in range(nr):
+            v = tkt[tt, bm]
+            for q in range(4):
+                row = gg[p, q, bm]
+                c = cf[tt, q]
+                for t in range(ne):
+                    row[t] += v * c[t]
+    for t in range(ne):
+        u0 = uu[t, 0]
+        u1 = uu[t, 1]
+        u2 = uu[t, 2]
+        inv_r = 1.0 / uu[t, 3]
+        for bm in range(sb):
             for l in range(nl):
                 gl = 0.0
                 pl = 0.0
-                e0 = 0.0
-                e1 = 0.0
-                e2 = 0.0
-                bm = b * nr + mm
+                d0 = 0.0
+                d1 = 0.0
+                d2 = 0.0
                 for p in range(l + 1):
                     cl = leg[l, p]
-                    gp = gg[0, p, bm]
+                    gp = gg[p, 0, bm, t]
                     gl += cl * gp
                     pl += cl * p * gp
-                    e0 += cl * gg[1, p, bm]
-                    e1 += cl * gg[2, p, bm]
-                    e2 += cl * gg[3, p, bm]
-                g1[bm, 3 * l] = u0 * gl
-                g1[bm, 3 * l + 1] = u1 * gl
-                g1[bm, 3 * l + 2] = u2 * gl
-                g2[bm, 3 * l] = (e0 - pl * u0) / r
-                g2[bm, 3 * l + 1] = (e1 - pl * u1) / r
-                g2[bm, 3 * l + 2] = (e2 - pl * u2) / r
-    return u0, u1, u2
+                    d0 += cl * gg[p, 1, bm, t]
+                    d1 += cl * gg[p, 2, bm, t]
+                    d2 += cl * gg[p, 3, bm, t]
+                j = bm * 3 * nl + 3 * l
+                g1[t, j] = u0 * gl
+                g1[t, j + 1] = u1 * gl
+                g1[t, j + 2] = u2 * gl
+                g2[t, j] = (d0 - pl * u0) * inv_r
+                g2[t, j + 1] = (d1 - pl * u1) * inv_r
+                g2[t, j + 2] = (d2 - pl * u2) * inv_r
 
 
 @njit(cache=True, fastmath=_FAST)
-def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch, je):
-    """Write the Jacobian of atom k's features w.r.t. d = q_k - q_nb[e] of its entry e (neighbour of
-    species ``si``; ``tkt`` = k's moments from :func:`_transpose_moments`) into je (3, Q), xyz-major
-    so that its users add it to rows in contiguous runs: rho[si] and every channel with si among its
-    species (:func:`relevant_features`). Other columns of je are left as they are (their derivative
-    is zero)."""
-    g1 = scratch[4]
-    g2 = scratch[5]
+def _entry_jacobian(t, e, si, uu, g1, g2, rad_all, n_species, l_max, channels, je):
+    """Write the Jacobian of atom k's features w.r.t. d = q_k - q_nb[e] of its entry e (the t-th of
+    its centre, neighbour of species ``si``; uu, g1, g2 from :func:`_centre_contractions`) into je
+    (3, Q): rho[si] and every channel with si among its species (:func:`relevant_features`). Other
+    columns of je are left as they are (their derivative is zero)."""
     nr = rad_all.shape[2]
     nl = l_max + 1
     nch = channels.shape[0]
+    w3 = 3 * nl
     rad = rad_all[e, 0]
     drad = rad_all[e, 1]
-    u0, u1, u2 = _entry_contractions(e, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, scratch)
+    u0 = uu[t, 0]
+    u1 = uu[t, 1]
+    u2 = uu[t, 2]
     # rho
     for nn in range(nr):
         f = si * nr + nn
@@ -529,17 +544,17 @@ def _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mo
             if a == si:
                 ro = rad[nn]
                 dro = drad[nn]
-                bm = b * nr + mm
-                v0 += dro * g1[bm, 3 * l] + ro * g2[bm, 3 * l]
-                v1 += dro * g1[bm, 3 * l + 1] + ro * g2[bm, 3 * l + 1]
-                v2 += dro * g1[bm, 3 * l + 2] + ro * g2[bm, 3 * l + 2]
+                j = (b * nr + mm) * w3 + 3 * l
+                v0 += dro * g1[t, j] + ro * g2[t, j]
+                v1 += dro * g1[t, j + 1] + ro * g2[t, j + 1]
+                v2 += dro * g1[t, j + 2] + ro * g2[t, j + 2]
             if b == si:
                 ro = rad[mm]
                 dro = drad[mm]
-                an = a * nr + nn
-                v0 += dro * g1[an, 3 * l] + ro * g2[an, 3 * l]
-                v1 += dro * g1[an, 3 * l + 1] + ro * g2[an, 3 * l + 1]
-                v2 += dro * g1[an, 3 * l + 2] + ro * g2[an, 3 * l + 2]
+                j = (a * nr + nn) * w3 + 3 * l
+                v0 += dro * g1[t, j] + ro * g2[t, j]
+                v1 += dro * g1[t, j + 1] + ro * g2[t, j + 1]
+                v2 += dro * g1[t, j + 2] + ro * g2[t, j + 2]
             je[0, base + l] = v0
             je[1, base + l] = v1
             je[2, base + l] = v2
@@ -555,16 +570,16 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
     nr = mu.shape[0]
     q = n_species * nr + channels.shape[0] * (l_max + 1)
     jac = np.zeros((start[n], q, 3))
-    scratch = _jacobian_scratch(n_species, nr, l_max, mono.shape[0])
-    tkt = scratch[-1]
+    tkt, pw, um, dum, cf, gg, uu, g1, g2 = _contraction_scratch(start, n_species, nr, l_max, mono.shape[0])
     je = np.zeros((3, q))
     rel = relevant_features(n_species, nr, l_max, channels)
     for k in range(n):
         _transpose_moments(t_all[k], tkt)
+        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw,
+                             um, dum, cf, gg, uu, g1, g2)
         for e in range(start[k], start[k + 1]):
             si = species[nb[e]]
-            _entry_jacobian(e, si, tkt, geo, rad_all, n_species, l_max, mono, mono_p, mono_w, leg, channels, scratch,
-                            je)
+            _entry_jacobian(e - start[k], e, si, uu, g1, g2, rad_all, n_species, l_max, channels, je)
             for t in range(rel.shape[1]):
                 lo = rel[si, t, 0]
                 if lo < 0:
@@ -672,77 +687,10 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
 
 
 @njit(cache=True, fastmath=_FAST)
-def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw, um, dum, cf, gg, uu,
-                         g1, g2):
-    """:func:`_entry_contractions` for all entries e0 .. e1 - 1 of one centre at once, the entries
-    being the inner (vectorised) dimension of the moment contraction: cf (n_mono, 4, E) holds the
-    weighted monomials and their gradients, gg (l_max + 1, 4, S N_r, E) the contractions per degree.
-    Writes uu (E, 4) = (u, r) and g1, g2 (E, S N_r x 3 (l_max + 1)), index (b, m) 3 (l_max + 1) + 3 l + xyz."""
-    nm = mono.shape[0]
-    nl = l_max + 1
-    sb = n_species * nr
-    ne = e1 - e0
-    for t in range(ne):
-        e = e0 + t
-        r = geo[e, 3]
-        u0 = geo[e, 0] / r
-        u1 = geo[e, 1] / r
-        u2 = geo[e, 2] / r
-        uu[t, 0] = u0
-        uu[t, 1] = u1
-        uu[t, 2] = u2
-        uu[t, 3] = r
-        _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
-        for tt in range(nm):
-            w = mono_w[tt]
-            cf[tt, 0, t] = w * um[tt]
-            cf[tt, 1, t] = w * dum[0, tt]
-            cf[tt, 2, t] = w * dum[1, tt]
-            cf[tt, 3, t] = w * dum[2, tt]
-    gg[:, :, :, :ne] = 0.0
-    for tt in range(nm):
-        p = mono_p[tt]
-        for bm in range(sb):
-            v = tkt[tt, bm]
-            for q in range(4):
-                row = gg[p, q, bm]
-                c = cf[tt, q]
-                for t in range(ne):
-                    row[t] += v * c[t]
-    for t in range(ne):
-        u0 = uu[t, 0]
-        u1 = uu[t, 1]
-        u2 = uu[t, 2]
-        inv_r = 1.0 / uu[t, 3]
-        for bm in range(sb):
-            for l in range(nl):
-                gl = 0.0
-                pl = 0.0
-                d0 = 0.0
-                d1 = 0.0
-                d2 = 0.0
-                for p in range(l + 1):
-                    cl = leg[l, p]
-                    gp = gg[p, 0, bm, t]
-                    gl += cl * gp
-                    pl += cl * p * gp
-                    d0 += cl * gg[p, 1, bm, t]
-                    d1 += cl * gg[p, 2, bm, t]
-                    d2 += cl * gg[p, 3, bm, t]
-                j = bm * 3 * nl + 3 * l
-                g1[t, j] = u0 * gl
-                g1[t, j + 1] = u1 * gl
-                g1[t, j + 2] = u2 * gl
-                g2[t, j] = (d0 - pl * u0) * inv_r
-                g2[t, j + 1] = (d1 - pl * u1) * inv_r
-                g2[t, j + 2] = (d2 - pl * u2) * inv_r
-
-
-@njit(cache=True, fastmath=_FAST)
 def _map_factored(xf, dd, rho, si, n_species, nr, nl, channels, sign, out):
     """Add sign x (the entry-Jacobian sum held in factored form) to out (3, Q): entries whose moving
     atom is a neighbour of species ``si``, summed as xf[n, (b, m) * 3 nl + 3 l + c] = sum R_n' g1 +
-    R_n g2 (:func:`_entry_contractions`), dd[n, m, c] = sum (R_n' R_m + R_n R_m') u_c and
+    R_n g2 (:func:`_centre_contractions`), dd[n, m, c] = sum (R_n' R_m + R_n R_m') u_c and
     rho[n, c] = sum R_n' u_c. Channel (a, b, n, m), order l: [a == si] xf[n, (b, m), l] +
     [b == si] xf[m, (a, n), l] - [a == b == si] dd[n, m]; rho[si, n]: rho[n]."""
     sb = n_species * nr
@@ -778,7 +726,7 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
     rows and +J[e] to its neighbour's, in block s after the ``n_pair`` pair features.
 
     J[e] is never formed. Every channel's entry Jacobian is R_n' g1 + R_n g2 on a moving side
-    (:func:`_entry_contractions`), so the entries are summed in factored form, per moving atom and
+    (:func:`_centre_contractions`), so the entries are summed in factored form, per moving atom and
     centre species: X[n, (b, m), l, xyz] += R_n' g1 + R_n g2 (N_r x S N_r x 3 (l_max + 1) values
     per entry, contiguous), the i = j terms and rho beside them; the channel values are formed from
     the sums once per atom (:func:`_map_factored`). Entries with the same moving atom as neighbour
@@ -797,19 +745,7 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
     own_d = np.empty((n_species, nr, nr, 3))
     own_r = np.empty((n_species, nr, 3))
     own_f = np.zeros((n, 3, q))
-    nm = mono.shape[0]
-    most = 1
-    for k in range(n):
-        most = max(most, start[k + 1] - start[k])
-    tkt = np.empty((nm, sb))
-    pw = np.empty((3, l_max + 2))
-    um = np.empty(nm)
-    dum = np.empty((3, nm))
-    cf = np.empty((nm, 4, most))
-    gg = np.empty((nl, 4, sb, most))
-    uu = np.empty((most, 4))
-    g1 = np.empty((most, wx))
-    g2 = np.empty((most, wx))
+    tkt, pw, um, dum, cf, gg, uu, g1, g2 = _contraction_scratch(start, n_species, nr, l_max, mono.shape[0])
     for k in range(n):
         if start[k] == start[k + 1]:
             continue
