@@ -431,7 +431,7 @@ def _transpose_moments(tk, tkt):
 
 @njit(cache=True, fastmath=_FAST)
 def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw, um, dum, cf, gg, uu,
-                         g1, g2):
+                         g1, g2, legendre):
     """The per-entry factors every angular derivative of a centre's features is made of, for the
     centre's entries e0 .. e1 - 1 (d = q_k - q_nb[e], ``tkt`` = k's moments from
     :func:`_transpose_moments`): per (species b, radial m) of the moment contracted with and
@@ -443,7 +443,9 @@ def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, m
     The entries are the inner (vectorised) dimension of the moment contraction: cf (n_mono, 4, E)
     holds the weighted monomials and their gradients, gg (l_max + 1, 4, S N_r, E) the contractions
     per degree. Writes uu (E, 4) = (u, r) and g1, g2 (E, S N_r x 3 (l_max + 1)), index
-    (b N_r + m) 3 (l_max + 1) + 3 l + xyz."""
+    (b N_r + m) 3 (l_max + 1) + 3 l + xyz; with ``legendre`` False, the same per monomial degree p
+    instead of l (g_p for gl, p g_p for the sum), for callers that sum over entries first and apply
+    the Legendre transform (:func:`_legendre_rows`) to the sums."""
     nm = mono.shape[0]
     nl = l_max + 1
     sb = n_species * nr
@@ -475,6 +477,24 @@ def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, m
                 c = cf[tt, q]
                 for t in range(ne):
                     row[t] += v * c[t]
+    if not legendre:
+        for t in range(ne):
+            u0 = uu[t, 0]
+            u1 = uu[t, 1]
+            u2 = uu[t, 2]
+            inv_r = 1.0 / uu[t, 3]
+            for bm in range(sb):
+                for p in range(nl):
+                    gp = gg[p, 0, bm, t]
+                    pg = p * gp
+                    j = bm * 3 * nl + 3 * p
+                    g1[t, j] = u0 * gp
+                    g1[t, j + 1] = u1 * gp
+                    g1[t, j + 2] = u2 * gp
+                    g2[t, j] = (gg[p, 1, bm, t] - pg * u0) * inv_r
+                    g2[t, j + 1] = (gg[p, 2, bm, t] - pg * u1) * inv_r
+                    g2[t, j + 2] = (gg[p, 3, bm, t] - pg * u2) * inv_r
+        return
     for t in range(ne):
         u0 = uu[t, 0]
         u1 = uu[t, 1]
@@ -576,7 +596,7 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
     for k in range(n):
         _transpose_moments(t_all[k], tkt)
         _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw,
-                             um, dum, cf, gg, uu, g1, g2)
+                             um, dum, cf, gg, uu, g1, g2, True)
         for e in range(start[k], start[k + 1]):
             si = species[nb[e]]
             _entry_jacobian(e - start[k], e, si, uu, g1, g2, rad_all, n_species, l_max, channels, je)
@@ -687,10 +707,26 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
 
 
 @njit(cache=True, fastmath=_FAST)
+def _legendre_rows(xp, leg, nl, out):
+    """out[n, (b, m) 3 nl + 3 l + xyz] = sum_p leg[l, p] xp[n, (b, m) 3 nl + 3 p + xyz]: sums taken
+    per monomial degree turned into sums per Legendre order."""
+    w3 = 3 * nl
+    for nn in range(xp.shape[0]):
+        for bm in range(xp.shape[1] // w3):
+            base = bm * w3
+            for l in range(nl):
+                for c in range(3):
+                    v = 0.0
+                    for p in range(l + 1):
+                        v += leg[l, p] * xp[nn, base + 3 * p + c]
+                    out[nn, base + 3 * l + c] = v
+
+
+@njit(cache=True, fastmath=_FAST)
 def _map_factored(xf, dd, rho, si, n_species, nr, nl, channels, sign, out):
     """Add sign x (the entry-Jacobian sum held in factored form) to out (3, Q): entries whose moving
     atom is a neighbour of species ``si``, summed as xf[n, (b, m) * 3 nl + 3 l + c] = sum R_n' g1 +
-    R_n g2 (:func:`_centre_contractions`), dd[n, m, c] = sum (R_n' R_m + R_n R_m') u_c and
+    R_n g2 (:func:`_centre_contractions`), dd[n, m, c] = sum (R_n' R_m + R_n R_m') u_c (n <= m) and
     rho[n, c] = sum R_n' u_c. Channel (a, b, n, m), order l: [a == si] xf[n, (b, m), l] +
     [b == si] xf[m, (a, n), l] - [a == b == si] dd[n, m]; rho[si, n]: rho[n]."""
     sb = n_species * nr
@@ -714,7 +750,7 @@ def _map_factored(xf, dd, rho, si, n_species, nr, nl, channels, sign, out):
                 if b == si:
                     v += xf[mm, (a * nr + nn) * w3 + 3 * l + c]
                 if a == b:
-                    v -= dd[nn, mm, c]
+                    v -= dd[min(nn, mm), max(nn, mm), c]
                 out[c, base + l] += sign * v
 
 
@@ -727,9 +763,10 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
 
     J[e] is never formed. Every channel's entry Jacobian is R_n' g1 + R_n g2 on a moving side
     (:func:`_centre_contractions`), so the entries are summed in factored form, per moving atom and
-    centre species: X[n, (b, m), l, xyz] += R_n' g1 + R_n g2 (N_r x S N_r x 3 (l_max + 1) values
-    per entry, contiguous), the i = j terms and rho beside them; the channel values are formed from
-    the sums once per atom (:func:`_map_factored`). Entries with the same moving atom as neighbour
+    centre species: X[n, (b, m), p, xyz] += R_n' g1 + R_n g2 (N_r x S N_r x 3 (l_max + 1) values
+    per entry, contiguous, per monomial degree p), the i = j terms and rho beside them; the sums are
+    turned into Legendre orders and channel values once per atom (:func:`_legendre_rows`,
+    :func:`_map_factored`). Entries with the same moving atom as neighbour
     all have its species, the centre's own sums are kept per neighbour species."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
@@ -745,6 +782,7 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
     own_d = np.empty((n_species, nr, nr, 3))
     own_r = np.empty((n_species, nr, 3))
     own_f = np.zeros((n, 3, q))
+    xl = np.empty((nr, wx))
     tkt, pw, um, dum, cf, gg, uu, g1, g2 = _contraction_scratch(start, n_species, nr, l_max, mono.shape[0])
     for k in range(n):
         if start[k] == start[k + 1]:
@@ -755,7 +793,7 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
         own_r[:, :, :] = 0.0
         _transpose_moments(t_all[k], tkt)
         _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw,
-                             um, dum, cf, gg, uu, g1, g2)
+                             um, dum, cf, gg, uu, g1, g2, False)
         for e in range(start[k], start[k + 1]):
             i = nb[e]
             si = species[i]
@@ -776,7 +814,7 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
                 own_r[si, nn, 0] += dro * u0
                 own_r[si, nn, 1] += dro * u1
                 own_r[si, nn, 2] += dro * u2
-                for mm in range(nr):
+                for mm in range(nn, nr):                 # symmetric in (n, m): n <= m only
                     w = dro * rad_all[e, 0, mm] + ro * rad_all[e, 1, mm]
                     acc_d[sk, i, nn, mm, 0] += w * u0
                     acc_d[sk, i, nn, mm, 1] += w * u1
@@ -785,7 +823,8 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
                     own_d[si, nn, mm, 1] += w * u1
                     own_d[si, nn, mm, 2] += w * u2
         for a in range(n_species):
-            _map_factored(own_x[a], own_d[a], own_r[a], a, n_species, nr, nl, channels, -1.0, own_f[k])
+            _legendre_rows(own_x[a], leg, nl, xl)
+            _map_factored(xl, own_d[a], own_r[a], a, n_species, nr, nl, channels, -1.0, own_f[k])
     col = np.zeros((3, q))
     for i in range(n):
         si = species[i]
@@ -794,7 +833,8 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
                 col[:, :] = own_f[i]
             else:
                 col[:, :] = 0.0
-            _map_factored(acc_x[s, i], acc_d[s, i], acc_r[s, i], si, n_species, nr, nl, channels, 1.0, col)
+            _legendre_rows(acc_x[s, i], leg, nl, xl)
+            _map_factored(xl, acc_d[s, i], acc_r[s, i], si, n_species, nr, nl, channels, 1.0, col)
             c0 = s * block + n_pair
             for c in range(3):
                 r = rows[i] + c
