@@ -208,3 +208,34 @@ def test_bad_bases_are_refused():
         AngularBasis((1.0,), (0.3,), 4.0, 1.0, 2, "some")
     with pytest.raises(ValueError, match="l_max"):
         AngularBasis((1.0,), (0.3,), 4.0, 1.0, 12)
+
+
+def test_derivative_kernels_with_an_isolated_atom_and_a_lone_pair():
+    """Atoms with no neighbour (an isolated O), with one neighbour (a lone H2 pair: no angle) and a
+    molecule: the fused kernels (gradient-moment self gradient, factored design sums) against the
+    entry Jacobians, and zero rows where nothing moves a feature."""
+    from ensemble.features import FeatureSpec, frame_terms
+    from ensemble.fit.design import conservative_feature_rows, conservative_rows_blas
+    from ensemble.invariants import WeightSet
+
+    pos = np.array([[5.0, 5.0, 5.0], [5.96, 5.0, 5.0], [4.76, 5.93, 5.0],       # H2O: O, H, H
+                    [5.3, 8.1, 7.4], [5.3, 8.85, 7.4],                          # an H2 pair
+                    [16.0, 16.0, 16.0]])                                         # a lone O
+    species = np.array([1, 0, 0, 0, 0, 1], np.int64)
+    box = np.full(3, 22.0)
+    basis = AngularBasis((0.9, 1.6), (0.4, 0.5), 4.0, 1.0, 3, "all")
+    fr = features(pos, box, species, basis)
+    assert fr.start[6] == fr.start[5]                      # the lone O has no entry
+    jac = fr.jacobian()
+    owner = np.repeat(np.arange(6), np.diff(fr.start))
+    own = np.zeros((6,) + jac.shape[1:])
+    np.add.at(own, owner, jac)
+    grad = fr.self_gradient()
+    assert np.abs(grad[0]).max() > 0.01 and not grad[5].any()
+    assert_allclose(grad, own, rtol=1e-10, atol=1e-13)
+    spec = FeatureSpec(2, WeightSet((0,), (1.0,)), basis, "pair", 4.0, 1.0)
+    terms = frame_terms(pos, box, species, spec)
+    a = conservative_feature_rows(terms, species, spec, np.zeros((18, 2 * spec.block)))
+    b = conservative_rows_blas(terms, species, spec, np.full((18, 2 * spec.block), np.nan))
+    assert_allclose(b, a, rtol=0, atol=1e-12 * np.abs(a).max())
+    assert not b[15:].any()                                # nothing moves the lone O's features or its rows
