@@ -139,10 +139,11 @@ def _blas_syrk_gflops(rows: int, cols: int, repeat: int = 5) -> float:
     """GFLOP/s of this machine's BLAS forming Z^T Z (numpy dispatches it to syrk) on one thread."""
     z = np.random.default_rng(0).normal(size=(rows, cols))
     z.T @ z
-    t = time.perf_counter()
-    for _ in range(repeat):
+    dt = np.inf
+    for _ in range(repeat):                       # the fastest, as the phases it is compared with
+        t = time.perf_counter()
         z.T @ z
-    dt = (time.perf_counter() - t) / repeat
+        dt = min(dt, time.perf_counter() - t)
     return rows * cols * cols / dt / 1e9          # syrk: rows * cols * (cols + 1) / 2 multiply-adds
 
 
@@ -167,8 +168,8 @@ def _phase_breakdown(n_frames: int = 16) -> dict:
     grad = grad.reshape(n_frames, len(codes), phi.shape[2], 3)
     c = n_columns(phi.shape[2]) + 1
     zs = [np.empty((3 * int(np.sum(codes == s)) * n_frames, c)) for s in range(2)]
-    t_rows = 0.0
-    for rep in range(2):                     # first pass compiles / loads the kernel
+    t_rows = t_zz = np.inf
+    for rep in range(4):                     # the first pass compiles / loads the kernel; then the fastest
         t = time.perf_counter()
         for s in range(2):
             at = np.flatnonzero(codes == s)
@@ -176,20 +177,23 @@ def _phase_breakdown(n_frames: int = 16) -> dict:
             for f in range(n_frames):
                 agent_rows(np.ascontiguousarray(phi[f][at]), np.ascontiguousarray(grad[f][at]),
                            np.ascontiguousarray(acc[f][at]), 0.01, True, zs[s][f * nr:(f + 1) * nr])
-        t_rows = time.perf_counter() - t
-    t = time.perf_counter()
-    for z in zs:
-        z.T @ z
-    t_zz = time.perf_counter() - t
+        if rep:
+            t_rows = min(t_rows, time.perf_counter() - t)
+    for _ in range(3):
+        t = time.perf_counter()
+        for z in zs:
+            z.T @ z
+        t_zz = min(t_zz, time.perf_counter() - t)
     flop = sum(z.shape[0] for z in zs) * c * c
     return {"invariants_ms": 1e3 * t_inv / n_frames, "rows_ms": 1e3 * t_rows / n_frames,
             "ztz_ms": 1e3 * t_zz / n_frames, "flop_per_frame": flop / n_frames,
             "syrk_gflops": _blas_syrk_gflops(zs[0].shape[0], c)}
 
 
-def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool = True) -> dict:
+def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool = True, repeats: int = 3) -> dict:
     """ms per frame of features, design rows and Z^T Z for one model kind on the embedded data, in
-    this process (one thread), and this process's BLAS syrk rate on the same shapes.
+    this process (one thread), and this process's BLAS syrk rate on the same shapes (each phase the
+    fastest of ``repeats`` timings).
 
     ``angular``: the many-body default (7 weight functions, cutoff 4.9 Å, default angular basis);
     otherwise the paper's 18 weight functions (paper mode, or cutoff 4.9 Å)."""
@@ -240,20 +244,26 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
                                    np.ascontiguousarray(target[t][at]), 0.01, zs[s][t * nr:(t + 1) * nr])
 
     rows(0, *features(0))                      # compile / load the kernels
-    t_feat = t_rows = 0.0
-    for t in range(n_frames):
-        a = time.perf_counter()
-        terms, grad = features(t)
-        b = time.perf_counter()
-        rows(t, terms, grad)
-        t_feat += b - a
-        t_rows += time.perf_counter() - b
+    # every phase timed `repeats` times, the fastest kept: the machine's other load only adds time
+    t_feat = t_rows = t_zz = np.inf
+    for _ in range(repeats):
+        f_sum = r_sum = 0.0
+        for t in range(n_frames):
+            a = time.perf_counter()
+            terms, grad = features(t)
+            b = time.perf_counter()
+            rows(t, terms, grad)
+            f_sum += b - a
+            r_sum += time.perf_counter() - b
+        t_feat = min(t_feat, f_sum)
+        t_rows = min(t_rows, r_sum)
     prod = np.zeros((c + 1, c + 1))
     prod.fill(0.0)                             # touched, as the reduction's reused product is
-    a = time.perf_counter()
-    for z in zs:
-        np.matmul(z.T, z, out=prod)
-    t_zz = time.perf_counter() - a
+    for _ in range(repeats):
+        a = time.perf_counter()
+        for z in zs:
+            np.matmul(z.T, z, out=prod)
+        t_zz = min(t_zz, time.perf_counter() - a)
     flop = sum(z.shape[0] for z in zs) * (c + 1) ** 2
     # end to end: the reduction's own chunk function (features, rows, Z^T Z) on a chunk of 4 x these
     # frames in batches of 8 (stores hold hundreds of frames per chunk: its buffers are allocated once
@@ -266,9 +276,11 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
             np.zeros(reps * n_frames, np.int64))
     kw = dict(codes=codes, spec=spec, scales=scales, kind=kind, batch=8, prior=None)
     _gram_chunk_features(*[a[:1] for a in args], **kw)
-    a = time.perf_counter()
-    _gram_chunk_features(*args, **kw)
-    t_chunk = (time.perf_counter() - a) / reps
+    t_chunk = np.inf
+    for _ in range(repeats):
+        a = time.perf_counter()
+        _gram_chunk_features(*args, **kw)
+        t_chunk = min(t_chunk, (time.perf_counter() - a) / reps)
     return {"kind": kind, "features": ("pair + angular" if angular else
                                        f"pair ({len(spec.weights)}, {'paper mode' if paper_mode else 'cutoff'})"),
             "columns": c, "features_ms": 1e3 * t_feat / n_frames, "rows_ms": 1e3 * t_rows / n_frames,
