@@ -430,22 +430,20 @@ def _transpose_moments(tk, tkt):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw, um, dum, cf, gg, uu,
-                         g1, g2, legendre):
+def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, pw, um, dum, cf, gg, uu,
+                         g1, g2):
     """The per-entry factors every angular derivative of a centre's features is made of, for the
     centre's entries e0 .. e1 - 1 (d = q_k - q_nb[e], ``tkt`` = k's moments from
-    :func:`_transpose_moments`): per (species b, radial m) of the moment contracted with and
-    Legendre order l, g1 and g2 such that the derivative of channel (a, b, n, m), order l, w.r.t. d
-    through the entry's own term of T[a, n] is R_n' g1 + R_n g2. With
-    g_p = sum_{|alpha|=p} w_alpha T[b, m, alpha] u^alpha and gl = sum_p leg[l, p] g_p (the same for
-    its gradient in u and for p g_p): g1 = u gl, g2 = (grad gl - (sum_p leg[l, p] p g_p) u) / r.
+    :func:`_transpose_moments`), per (species b, radial m) of the moment contracted with and monomial
+    degree p: with g_p = sum_{|alpha|=p} w_alpha T[b, m, alpha] u^alpha, g1 = u g_p and
+    g2 = (grad_u g_p - p g_p u) / r. Their Legendre transform over p (:func:`_legendre_rows`) gives,
+    per order l, the g1, g2 such that the derivative of channel (a, b, n, m), order l, w.r.t. d
+    through the entry's own term of T[a, n] is R_n' g1 + R_n g2.
 
     The entries are the inner (vectorised) dimension of the moment contraction: cf (n_mono, 4, E)
     holds the weighted monomials and their gradients, gg (l_max + 1, 4, S N_r, E) the contractions
     per degree. Writes uu (E, 4) = (u, r) and g1, g2 (E, S N_r x 3 (l_max + 1)), index
-    (b N_r + m) 3 (l_max + 1) + 3 l + xyz; with ``legendre`` False, the same per monomial degree p
-    instead of l (g_p for gl, p g_p for the sum), for callers that sum over entries first and apply
-    the Legendre transform (:func:`_legendre_rows`) to the sums."""
+    (b N_r + m) 3 (l_max + 1) + 3 p + xyz."""
     nm = mono.shape[0]
     nl = l_max + 1
     sb = n_species * nr
@@ -477,57 +475,29 @@ def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, m
                 c = cf[tt, q]
                 for t in range(ne):
                     row[t] += v * c[t]
-    if not legendre:
-        for t in range(ne):
-            u0 = uu[t, 0]
-            u1 = uu[t, 1]
-            u2 = uu[t, 2]
-            inv_r = 1.0 / uu[t, 3]
-            for bm in range(sb):
-                for p in range(nl):
-                    gp = gg[p, 0, bm, t]
-                    pg = p * gp
-                    j = bm * 3 * nl + 3 * p
-                    g1[t, j] = u0 * gp
-                    g1[t, j + 1] = u1 * gp
-                    g1[t, j + 2] = u2 * gp
-                    g2[t, j] = (gg[p, 1, bm, t] - pg * u0) * inv_r
-                    g2[t, j + 1] = (gg[p, 2, bm, t] - pg * u1) * inv_r
-                    g2[t, j + 2] = (gg[p, 3, bm, t] - pg * u2) * inv_r
-        return
     for t in range(ne):
         u0 = uu[t, 0]
         u1 = uu[t, 1]
         u2 = uu[t, 2]
         inv_r = 1.0 / uu[t, 3]
         for bm in range(sb):
-            for l in range(nl):
-                gl = 0.0
-                pl = 0.0
-                d0 = 0.0
-                d1 = 0.0
-                d2 = 0.0
-                for p in range(l + 1):
-                    cl = leg[l, p]
-                    gp = gg[p, 0, bm, t]
-                    gl += cl * gp
-                    pl += cl * p * gp
-                    d0 += cl * gg[p, 1, bm, t]
-                    d1 += cl * gg[p, 2, bm, t]
-                    d2 += cl * gg[p, 3, bm, t]
-                j = bm * 3 * nl + 3 * l
-                g1[t, j] = u0 * gl
-                g1[t, j + 1] = u1 * gl
-                g1[t, j + 2] = u2 * gl
-                g2[t, j] = (d0 - pl * u0) * inv_r
-                g2[t, j + 1] = (d1 - pl * u1) * inv_r
-                g2[t, j + 2] = (d2 - pl * u2) * inv_r
+            for p in range(nl):
+                gp = gg[p, 0, bm, t]
+                pg = p * gp
+                j = bm * 3 * nl + 3 * p
+                g1[t, j] = u0 * gp
+                g1[t, j + 1] = u1 * gp
+                g1[t, j + 2] = u2 * gp
+                g2[t, j] = (gg[p, 1, bm, t] - pg * u0) * inv_r
+                g2[t, j + 1] = (gg[p, 2, bm, t] - pg * u1) * inv_r
+                g2[t, j + 2] = (gg[p, 3, bm, t] - pg * u2) * inv_r
 
 
 @njit(cache=True, fastmath=_FAST)
 def _entry_jacobian(t, e, si, uu, g1, g2, rad_all, n_species, l_max, channels, je):
     """Write the Jacobian of atom k's features w.r.t. d = q_k - q_nb[e] of its entry e (the t-th of
-    its centre, neighbour of species ``si``; uu, g1, g2 from :func:`_centre_contractions`) into je
+    its centre, neighbour of species ``si``; uu from :func:`_centre_contractions`, g1 and g2 from it
+    per Legendre order, :func:`_legendre_rows`) into je
     (3, Q): rho[si] and every channel with si among its species (:func:`relevant_features`). Other
     columns of je are left as they are (their derivative is zero)."""
     nr = rad_all.shape[2]
@@ -591,15 +561,19 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
     q = n_species * nr + channels.shape[0] * (l_max + 1)
     jac = np.zeros((start[n], q, 3))
     tkt, pw, um, dum, cf, gg, uu, g1, g2 = _contraction_scratch(start, n_species, nr, l_max, mono.shape[0])
+    g1l = np.empty_like(g1)                  # g1, g2 per Legendre order
+    g2l = np.empty_like(g2)
     je = np.zeros((3, q))
     rel = relevant_features(n_species, nr, l_max, channels)
     for k in range(n):
         _transpose_moments(t_all[k], tkt)
-        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw,
-                             um, dum, cf, gg, uu, g1, g2, True)
+        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, pw, um,
+                             dum, cf, gg, uu, g1, g2)
+        _legendre_rows(g1[:start[k + 1] - start[k]], leg, l_max + 1, g1l)
+        _legendre_rows(g2[:start[k + 1] - start[k]], leg, l_max + 1, g2l)
         for e in range(start[k], start[k + 1]):
             si = species[nb[e]]
-            _entry_jacobian(e - start[k], e, si, uu, g1, g2, rad_all, n_species, l_max, channels, je)
+            _entry_jacobian(e - start[k], e, si, uu, g1l, g2l, rad_all, n_species, l_max, channels, je)
             for t in range(rel.shape[1]):
                 lo = rel[si, t, 0]
                 if lo < 0:
@@ -792,8 +766,8 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
         own_d[:, :, :, :] = 0.0
         own_r[:, :, :] = 0.0
         _transpose_moments(t_all[k], tkt)
-        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, leg, pw,
-                             um, dum, cf, gg, uu, g1, g2, False)
+        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, pw, um,
+                             dum, cf, gg, uu, g1, g2)
         for e in range(start[k], start[k + 1]):
             i = nb[e]
             si = species[i]
