@@ -335,6 +335,10 @@ def cmd_simulate(args) -> int:
                                  ("energy_every", args.energy_every)) if v is not None}
     if options and args.integrator not in ("action", "midpoint"):
         raise UsageError("--tol-angstrom, --max-iter and --energy-every apply to --integrator action / midpoint")
+    if args.inner_steps is not None:
+        if args.integrator != "respa":
+            raise UsageError("--inner-steps applies to --integrator respa")
+        options["inner_steps"] = args.inner_steps
     try:
         init = initial_state(args.init, temperature_K=args.init_temperature_K if args.seed is not None else None,
                              seed=args.seed, tile_n=args.tile)
@@ -602,9 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chain-length", type=int, default=3)
     s.add_argument("--max-force", type=float, help="clip forces to this magnitude, eV/Å")
     s.add_argument("--keep-com", action="store_true", help="do not remove the initial centre-of-mass drift")
-    s.add_argument("--integrator", choices=["verlet", "action", "midpoint", "direct"], default="verlet",
+    s.add_argument("--integrator", choices=["verlet", "action", "midpoint", "direct", "respa"], default="verlet",
                    help="velocity Verlet (default); the learned long-step map (--action); the implicit midpoint "
-                        "rule (the map without learned terms); the direct baseline predictor (--action)")
+                        "rule (the map without learned terms); the direct baseline predictor (--action); "
+                        "multiple time stepping, the model's intramolecular part on a short inner step (respa)")
+    s.add_argument("--inner-steps", type=int, help="respa: inner steps per --dt-fs step (default: inner step "
+                                                    "<= 0.5 fs)")
     s.add_argument("--action", help="action / direct model JSON from `ensemble fit-action` (its dt = --dt-fs)")
     s.add_argument("--tol-angstrom", type=float, help="fixed-point tolerance of the map, Å (default 1e-9)")
     s.add_argument("--max-iter", type=int, help="fixed-point iteration cap (default 30)")

@@ -281,13 +281,16 @@ def frame_terms(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, spec: Featu
     """Features of one frame (positions (N, 3) Å, box (3,) Å, species codes (N,)) and what their
     derivatives need (the angular Jacobian is computed on demand, entry by entry, by its users).
 
-    ``pairs``: candidate pairs (k < i) containing every pair within :meth:`FeatureSpec.reach_angstrom`
-    (default: cell lists; paper mode: all pairs).
+    ``pairs``: candidate pairs (k < i) for the pair and the angular terms alike, containing every pair
+    within :meth:`FeatureSpec.reach_angstrom` (default: cell lists; paper mode: all pairs, and the
+    angular terms their own list within the angular cutoff). A shorter list gives the features the
+    atoms would have if only those pairs existed (the fast part of a split, :mod:`ensemble.md.respa`).
     """
     pos = np.ascontiguousarray(pos, dtype=float)
     box = np.asarray(box, dtype=float)
     n = pos.shape[0]
     cutoff = -1.0 if spec.cutoff_angstrom is None else float(spec.cutoff_angstrom)
+    given = pairs is not None
     if pairs is None:
         pairs = neighbour_pairs(pos, box, spec.reach_angstrom())
     start, nb, geo = neighbour_csr(pairs, pos, box, cutoff, spec.width_angstrom, n)
@@ -296,7 +299,7 @@ def frame_terms(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, spec: Featu
     arr = spec.angular_arrays()
     if arr is None:
         return FrameTerms(phi, start, nb, geo, g, None)
-    if cutoff <= 0:          # paper-mode pairs: the angular list needs its own candidates within its cutoff
+    if cutoff <= 0 and not given:   # paper-mode pairs: the angular list its own candidates within its cutoff
         pairs = neighbour_pairs(pos, box, arr.cutoff)
     ang = angular_frame(pos, box, codes, arr, pairs=pairs)
     return FrameTerms(np.concatenate([phi, ang.x], axis=1), start, nb, geo, g, ang)

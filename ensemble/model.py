@@ -401,6 +401,50 @@ class Model:
         fn.fused_angular = linear_angular
         return fn
 
+    def features_over(self, positions, box, species, pairs) -> np.ndarray:
+        """Features x (N, F) as if only ``pairs`` (k < i) existed: pair and angular sums over that list."""
+        codes, *_ = self._setup(species, box)
+        return frame_terms(np.asarray(positions, float), np.asarray(box, float), codes, self.spec,
+                           pairs=np.asarray(pairs, np.int64).reshape(-1, 2)).x
+
+    def restricted_force_fn(self, box, species, pairs, feature_shift=None):
+        """Force function of E_r = sum_k H_{s_k}(x_k^r + c_k): the model's energy over a fixed list of
+        ``pairs`` (k < i) only, features offset by the constant ``feature_shift`` c (N, F; default 0).
+
+        A smooth, fixed function of the positions (the pair list does not change, so E_r is a
+        Hamiltonian of its own), conservative kind only; the prior is not part of it. With the pairs
+        inside molecules and c their mean environment, E_r is the stiff intramolecular part of the
+        model that :func:`ensemble.md.respa.respa` integrates with the short step.
+        """
+        if self.kind != "conservative":
+            raise ModelError(f"a restricted energy needs a conservative model; this one is {self.kind!r}")
+        codes, cutoff, width, kinds, params = self._setup(species, box)
+        bx = np.asarray(box, float)
+        pairs = np.ascontiguousarray(np.asarray(pairs, np.int64).reshape(-1, 2))
+        if pairs.size and not (pairs.min() >= 0 and pairs.max() < len(codes) and (pairs[:, 0] < pairs[:, 1]).all()):
+            raise ModelError(f"restricted pairs must be (k < i) atom indices below {len(codes)}")
+        n_f = self.spec.n_features
+        shift = np.zeros((len(codes), n_f)) if feature_shift is None else np.asarray(feature_shift, float)
+        if shift.shape != (len(codes), n_f) or not np.isfinite(shift).all():
+            raise ModelError(f"feature_shift must be finite with shape {(len(codes), n_f)}, got {shift.shape}")
+        n_sp = len(self.species)
+        spec = self.spec
+        generic = self._generic
+
+        def fn(positions):
+            pos = np.ascontiguousarray(positions, dtype=float)
+            if generic:
+                terms = frame_terms(pos, bx, codes, spec, pairs=pairs)
+                x = terms.x + shift
+                f = feature_forces(terms, codes, spec, self.dh_dphi(x, codes), True)
+            else:
+                phi, g, d = pair_terms(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
+                x = phi + shift
+                f = forces_from_pair_terms(pairs, codes, len(kinds), self.dh_dphi(x, codes), g, d, True)
+            return f, self._loss_sum(x, codes)
+
+        return fn
+
     def forces(self, positions, box, species) -> np.ndarray:
         """Forces (eV/Å): -grad E (conservative) or -grad_k H_{s_k} with others fixed (agent); plus the prior."""
         codes, cutoff, width, kinds, params = self._setup(species, box)

@@ -44,8 +44,9 @@ __all__ = ["InitialState", "initial_state", "tile", "SimulationError", "Settings
 
 #: ``verlet``: velocity Verlet; ``action``: the learned long-step map (needs an action model);
 #: ``midpoint``: the same map with the learned terms off (the implicit midpoint rule);
-#: ``direct``: the structure-free baseline predictor (needs a direct model)
-INTEGRATORS = ("verlet", "action", "midpoint", "direct")
+#: ``direct``: the structure-free baseline predictor (needs a direct model); ``respa``: multiple
+#: time stepping, the model's intramolecular part on a short inner step (:mod:`ensemble.md.respa`)
+INTEGRATORS = ("verlet", "action", "midpoint", "direct", "respa")
 
 
 class SimulationError(DynamicsError):
@@ -211,6 +212,8 @@ def _integrator(model: Model, init: InitialState, integrator: str, action, optio
             raise SettingsError("an action model needs --integrator action (or direct)")
         return (*velocity_verlet(model.force_fn(init.box, np.array(init.species)), dt_fs, init.masses,
                                  max_force_ev_per_angstrom=max_force), {})
+    if integrator == "respa":
+        return _respa_integrator(model, init, action, options, dt_fs, max_force)
     from .action import ActionModel, ModelPotential, action_integrator, default_features, direct_integrator
 
     if max_force is not None:
@@ -236,6 +239,33 @@ def _integrator(model: Model, init: InitialState, integrator: str, action, optio
     settings["action_options"] = options
     options.setdefault("energy_every", stride)
     return (*action_integrator(potential, action, init.masses, init.species, init.box, **options), settings)
+
+
+def _respa_integrator(model: Model, init: InitialState, action, options: dict | None, dt_fs: float, max_force):
+    """r-RESPA with the intramolecular split of the run's initial state (the same split on resume)."""
+    from .respa import default_inner_steps, intramolecular_split, respa
+
+    if action is not None:
+        raise SettingsError("the respa integrator takes no action model")
+    if max_force is not None:
+        raise SettingsError("--max-force clips forces, which breaks the respa splitting; leave it out")
+    if model.kind != "conservative":
+        raise SettingsError(f"the respa integrator splits a potential energy; the model is of kind {model.kind!r} "
+                            "(its forces have none), use a conservative model")
+    options = dict(options or {})
+    unknown = set(options) - {"inner_steps", "bond_angstrom"}
+    if unknown:
+        raise SettingsError(f"respa options {sorted(unknown)}; expected inner_steps, bond_angstrom")
+    n_inner = options.get("inner_steps") or default_inner_steps(dt_fs)
+    bond = options.get("bond_angstrom", 1.3)
+    if not (isinstance(n_inner, (int, np.integer)) and not isinstance(n_inner, bool) and n_inner >= 1):
+        raise SettingsError(f"--inner-steps must be an integer >= 1, got {n_inner!r}")
+    _finite_positive("bond_angstrom", bond)
+    species = np.array(init.species)
+    split = intramolecular_split(model, init.positions, init.box, species, bond)
+    fast = model.restricted_force_fn(init.box, species, split.pairs, split.feature_shift)
+    settings = {"integrator": "respa", "inner_steps": int(n_inner), "bond_angstrom": float(bond)}
+    return (*respa(model.force_fn(init.box, species), fast, dt_fs, int(n_inner), init.masses), settings)
 
 
 def _action_digest(action) -> str:
