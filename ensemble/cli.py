@@ -728,8 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cutoff", type=float, default=5.0, help="cutoff for the cutoff-mode runs, Å")
     b.add_argument("--action", nargs="+", metavar="A.json", help="action models (e.g. 2, 4 and 8 fs, fitted for "
                                                                   "--model; midpoint:H for the implicit midpoint rule "
-                                                                  "at H fs): simulated ps per second against Verlet "
-                                                                  "at 0.5 fs, and fixed-point iterations per step")
+                                                                  "at H fs; respa:H or respa:H:N for multiple time "
+                                                                  "stepping, N inner steps): simulated ps per second "
+                                                                  "against Verlet at 0.5 fs, and fixed-point "
+                                                                  "iterations per step")
     b.add_argument("--action-ps", type=float, default=1.0, help="simulated ps per timed run of the action comparison")
     b.set_defaults(func=cmd_bench)
     return p

@@ -248,13 +248,14 @@ class Model:
         kinds, params = self.weights.arrays()
         return codes, cutoff, width, kinds, params
 
-    def dh_dphi(self, phi: np.ndarray, codes: np.ndarray, blocks=None, linear=None) -> np.ndarray:
+    def dh_dphi(self, phi: np.ndarray, codes: np.ndarray, blocks=None, linear=None, groups=None) -> np.ndarray:
         """dH_{s_k}/dx at each atom's features: (N, F) (``blocks``: :attr:`_quadratic_blocks`, if at hand;
-        ``linear``: per species the linear coefficients of the leading F features, default all of A)."""
+        ``linear``: per species the linear coefficients of the leading F features, default all of A;
+        ``groups``: per species the indices of its atoms, if at hand)."""
         out = np.empty_like(phi)
         linear = self.A if linear is None else linear
         for s, (act, bq) in enumerate(self._quadratic_blocks if blocks is None else blocks):
-            at = np.flatnonzero(codes == s)
+            at = np.flatnonzero(codes == s) if groups is None else groups[s]
             out[at] = linear[s]
             if bq.size:
                 if isinstance(act, slice):
@@ -407,7 +408,7 @@ class Model:
         return frame_terms(np.asarray(positions, float), np.asarray(box, float), codes, self.spec,
                            pairs=np.asarray(pairs, np.int64).reshape(-1, 2)).x
 
-    def restricted_force_fn(self, box, species, pairs, feature_shift=None):
+    def restricted_force_fn(self, box, species, pairs, feature_shift=None, *, with_energy: bool = True):
         """Force function of E_r = sum_k H_{s_k}(x_k^r + c_k): the model's energy over a fixed list of
         ``pairs`` (k < i) only, features offset by the constant ``feature_shift`` c (N, F; default 0).
 
@@ -415,6 +416,7 @@ class Model:
         Hamiltonian of its own), conservative kind only; the prior is not part of it. With the pairs
         inside molecules and c their mean environment, E_r is the stiff intramolecular part of the
         model that :func:`ensemble.md.respa.respa` integrates with the short step.
+        ``with_energy=False`` returns NaN for the energy (the inner steps need forces only).
         """
         if self.kind != "conservative":
             raise ModelError(f"a restricted energy needs a conservative model; this one is {self.kind!r}")
@@ -430,18 +432,21 @@ class Model:
         n_sp = len(self.species)
         spec = self.spec
         generic = self._generic
+        blocks = self._quadratic_blocks
+        groups = [np.flatnonzero(codes == s) for s in range(n_sp)]
 
         def fn(positions):
             pos = np.ascontiguousarray(positions, dtype=float)
             if generic:
                 terms = frame_terms(pos, bx, codes, spec, pairs=pairs)
                 x = terms.x + shift
-                f = feature_forces(terms, codes, spec, self.dh_dphi(x, codes), True)
+                f = feature_forces(terms, codes, spec, self.dh_dphi(x, codes, blocks, groups=groups), True)
             else:
                 phi, g, d = pair_terms(pos, bx, codes, n_sp, kinds, params, cutoff, width, pairs)
                 x = phi + shift
-                f = forces_from_pair_terms(pairs, codes, len(kinds), self.dh_dphi(x, codes), g, d, True)
-            return f, self._loss_sum(x, codes)
+                f = forces_from_pair_terms(pairs, codes, len(kinds), self.dh_dphi(x, codes, blocks, groups=groups),
+                                           g, d, True)
+            return f, (self._loss_sum(x, codes, blocks) if with_energy else float("nan"))
 
         return fn
 

@@ -263,7 +263,7 @@ def _respa_integrator(model: Model, init: InitialState, action, options: dict | 
     _finite_positive("bond_angstrom", bond)
     species = np.array(init.species)
     split = intramolecular_split(model, init.positions, init.box, species, bond)
-    fast = model.restricted_force_fn(init.box, species, split.pairs, split.feature_shift)
+    fast = model.restricted_force_fn(init.box, species, split.pairs, split.feature_shift, with_energy=False)
     settings = {"integrator": "respa", "inner_steps": int(n_inner), "bond_angstrom": float(bond)}
     return (*respa(model.force_fn(init.box, species), fast, dt_fs, int(n_inner), init.masses), settings)
 
