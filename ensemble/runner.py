@@ -81,7 +81,7 @@ class Member:
     tau_fs: float = 100.0
     max_force_ev_per_angstrom: float | None = None
     write_forces: bool = False
-    integrator: str = "verlet"      # verlet | action | midpoint | direct (ensemble.md.simulate.INTEGRATORS)
+    integrator: str = "verlet"      # verlet | action | midpoint | direct | respa (md.simulate.INTEGRATORS)
     action: str | None = None       # action / direct model JSON for those integrators
 
     @property

@@ -1,7 +1,9 @@
-"""Multiple time stepping (ensemble.md.respa): the restricted (fast) energy against finite
-differences and against the full model where molecules do not see each other; the map's structure
+"""Multiple time stepping (ensemble.md.respa): both splits' fast energies against finite
+differences, against the full model where molecules do not see each other and against the
+definition (H of the short-range features plus the mean environment); the map's structure
 (symplectic, time-reversible, velocity Verlet at one inner step); the impulse resonance of a
-two-spring oscillator against the analytic product of its stages; runs, resume and settings."""
+two-spring oscillator against the analytic product of its stages; runs of the pair and the
+many-body demo model, resume and settings."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from numpy.testing import assert_allclose
 from ensemble.cli import main
 from ensemble.md import initial_state, simulate
 from ensemble.md.integrators import velocity_verlet
-from ensemble.md.respa import default_inner_steps, intramolecular_split, respa
+from ensemble.md.respa import default_inner_steps, intramolecular_split, respa, short_range_split
 from ensemble.model import ModelError, load_model
 from ensemble.units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2 as CONV
 from ensemble.waterbox import build_water_box
@@ -24,6 +26,7 @@ from conftest import DATA, embedded_store
 from test_manybody import random_manybody
 
 MODEL = DATA / "models" / "conservative-c5.json"
+MANYBODY = DATA / "models" / "manybody-demo.json"
 MASS = {"O": 15.9994, "H": 1.00794}
 
 
@@ -89,8 +92,8 @@ def test_restricted_forces_are_minus_the_gradient_of_the_restricted_energy(small
 
 @pytest.mark.parametrize("which", ["pair", "manybody"])
 def test_isolated_molecules_restricted_energy_is_the_full_energy(which):
-    """Two molecules 10 Å apart in a 24 Å box see nothing of each other within the cutoff: the
-    intramolecular split then holds the whole model (zero offsets, equal energy and forces)."""
+    """Two molecules 10 Å apart in a 24 Å box see nothing of each other within the cutoff: either
+    split then holds the whole model (zero offsets, equal energy and forces)."""
     mol = np.array([[0.0, 0.0, 0.0], [0.757, 0.586, 0.0], [-0.757, 0.586, 0.0]])
     pos = np.concatenate([mol + 2.0, mol @ np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1.0]]) + 12.0])
     species = np.array(["O", "H", "H"] * 2)
@@ -102,6 +105,56 @@ def test_isolated_molecules_restricted_energy_is_the_full_energy(which):
     ffull, efull = model.force_fn(box, species)(pos)
     assert e == pytest.approx(efull, rel=1e-12)
     assert_allclose(f, ffull, rtol=1e-10, atol=1e-12)
+    fast = short_range_split(model, pos, box, species, 2.4, 0.6).fast_model
+    assert_allclose(np.concatenate(fast.A), np.concatenate(model.A), rtol=0, atol=0)   # nothing beyond 2.4 Å
+    f2, e2 = fast.force_fn(box, species)(pos)
+    assert e2 == pytest.approx(efull, rel=1e-12)
+    assert_allclose(f2, ffull, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["pair", "manybody"])
+def test_short_range_model_is_h_of_the_short_features_plus_the_environment(small, which):
+    """V_fast(q) = sum_k H(x_k^short(q) + c_s) up to a constant: energy differences between two
+    configurations computed from the definition (features of the model with its radial functions cut
+    at 3 Å, plus the species-mean environment) equal the fast model's; its forces are -grad V_fast."""
+    pos, _, species, _, box = small
+    model = load_model(MODEL) if which == "pair" else load_model(MANYBODY)
+    box = np.full(3, 10.2)
+    split = short_range_split(model, pos, box, species)
+    fast = split.fast_model
+    assert fast.cutoff_angstrom == 3.0 and (fast.angular is None) == (model.angular is None)
+    from ensemble.invariants import species_index
+
+    codes, _ = species_index(species, list(model.species))
+    env = model.features(pos, box, species) - fast.features(pos, box, species)
+    assert np.abs(env).max() > 1e-3                                 # neighbours beyond 3 Å exist
+
+    def by_definition(q):
+        x = fast.features(q, box, species)
+        e = 0.0
+        for s in range(len(model.species)):
+            at = codes == s
+            xs = x[at] + env[at].mean(axis=0)
+            e += float(np.sum(xs @ model.A[s]) + 0.5 * np.sum((xs @ model.B[s]) * xs))
+        if model.prior is not None:
+            e += model.prior.energy_forces(q, box, codes)[0]
+        return e
+
+    q2 = pos + np.random.default_rng(4).normal(scale=0.03, size=pos.shape)
+    fn = fast.force_fn(box, species)
+    assert fn(q2)[1] - fn(pos)[1] == pytest.approx(by_definition(q2) - by_definition(pos), rel=1e-9, abs=1e-10)
+    f = _energy_gradient_check(fn, q2)
+    assert np.abs(f).max() > 0.05
+
+
+def test_short_range_split_refuses_a_split_beyond_the_models_own_switch(small):
+    pos, _, species, _, box = small
+    with pytest.raises(ValueError, match=r"beyond where the model's pair cutoff starts to switch off \(4 Å\)"):
+        short_range_split(load_model(MODEL), pos, box, species, 4.5)
+    with pytest.raises(ValueError, match="angular cutoff starts to switch off"):
+        short_range_split(load_model(MANYBODY), pos, box, species, 3.8)
+    with pytest.raises(ValueError, match="conservative"):
+        short_range_split(load_model(DATA / "models" / "agent-paper.json"), pos, box, species)
 
 
 def test_restricted_force_fn_refuses_bad_input(small):
@@ -116,13 +169,15 @@ def test_restricted_force_fn_refuses_bad_input(small):
 
 
 # --------------------------------------------------------------------------- the map
-def _map(small, h=2.0, n=4):
+def _map(small, h=2.0, n=4, split="molecules"):
     pos, vel, species, masses, box = small
     model = load_model(MODEL)
-    split = intramolecular_split(model, pos, box, species)
-    init_fn, step_fn = respa(model.force_fn(box, species),
-                             model.restricted_force_fn(box, species, split.pairs, split.feature_shift), h, n, masses)
-    return init_fn, step_fn
+    if split == "molecules":
+        cut = intramolecular_split(model, pos, box, species)
+        fast = model.restricted_force_fn(box, species, cut.pairs, cut.feature_shift)
+    else:
+        fast = short_range_split(model, pos, box, species).fast_model.force_fn(box, species)
+    return respa(model.force_fn(box, species), fast, h, n, masses)
 
 
 def test_one_inner_step_is_velocity_verlet(small):
@@ -138,11 +193,12 @@ def test_one_inner_step_is_velocity_verlet(small):
     assert np.abs(a.positions - pos).max() > 0.01
 
 
-def test_map_is_symplectic_and_time_reversible(small):
+@pytest.mark.parametrize("split", ["distance", "molecules"])
+def test_map_is_symplectic_and_time_reversible(small, split):
     """J^T Omega J = Omega (J by central differences, mass-scaled canonical coordinates) at a 2 fs
     long step with 4 inner steps; forward, momenta flipped, forward again: back at the start."""
     pos, vel, species, masses, box = small
-    init_fn, step_fn = _map(small)
+    init_fn, step_fn = _map(small, split=split)
     n3 = pos.size
     sm = np.sqrt(masses)[:, None]
 
@@ -213,18 +269,22 @@ def test_two_spring_oscillator_matches_the_analytic_map_and_shows_the_impulse_re
 
 
 def test_default_inner_steps():
-    assert [default_inner_steps(h) for h in (0.5, 1.0, 2.0, 2.2, 4.0)] == [1, 2, 4, 5, 8]
+    assert [default_inner_steps(h, "molecules") for h in (0.5, 1.0, 2.0, 2.2, 4.0)] == [1, 2, 4, 5, 8]
+    assert [default_inner_steps(h) for h in (0.5, 1.0, 2.0, 2.2, 4.0)] == [1, 1, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------- runs
-def test_respa_nve_conserves_energy(store, tmp_path):
-    """128 H2O of the embedded data, 2 fs long steps (4 x 0.5 fs inner), 100 fs NVE."""
-    model = load_model(MODEL)
+@pytest.mark.parametrize("which, split", [("pair", "distance"), ("pair", "molecules"), ("manybody", "distance")])
+def test_respa_nve_conserves_energy(store, tmp_path, which, split):
+    """128 H2O of the embedded data, 2 fs long steps, 100 fs NVE, both models."""
+    model = load_model(MODEL if which == "pair" else MANYBODY)
     init = initial_state(f"{store}:5")
-    simulate(model, init, steps=50, dt_fs=2.0, stride=1, integrator="respa", out=tmp_path / "r.zarr")
+    simulate(model, init, steps=50, dt_fs=2.0, stride=1, integrator="respa", out=tmp_path / "r.zarr",
+             action_options={"split": split})
     ds = xr.open_zarr(tmp_path / "r.zarr", consolidated=False)
     settings = json.loads(ds.attrs["simulation_settings"])
-    assert settings["integrator"] == "respa" and settings["inner_steps"] == 4
+    assert settings["integrator"] == "respa" and settings["split"] == split
+    assert settings["inner_steps"] == (2 if split == "distance" else 4)
     e = ds["conserved_energy"].values
     # the total energy of 384 atoms fluctuates by ~0.5 meV per atom at this step (0.05 at 0.5 fs
     # Verlet), without a trend (a wrong kick, e.g. the slow force counted twice, heats at once)
@@ -233,11 +293,21 @@ def test_respa_nve_conserves_energy(store, tmp_path):
     assert 250 < float(ds["thermo_temperature"].mean()) < 400
 
 
+def test_molecules_split_fails_where_hydrogen_bonds_shorten(store, tmp_path):
+    """The many-body demo model shortens some hydrogen bonds to ~1.5 Å: the molecules split leaves
+    them to the 2 fs step and the run heats within 0.3 ps, where the distance split holds (above)."""
+    model = load_model(MANYBODY)
+    init = initial_state(f"{store}:5")
+    with pytest.raises(Exception, match="runaway heating|non-finite"):
+        simulate(model, init, steps=200, dt_fs=2.0, stride=50, integrator="respa", out=tmp_path / "m.zarr",
+                 action_options={"split": "molecules"}, max_temperature_K=1000.0)
+
+
 def test_respa_nvt_run_resumes_bitwise(store, tmp_path):
     model = load_model(MODEL)
     init = initial_state(f"{store}:5")
     kw = dict(steps=12, dt_fs=2.0, temperature_K=300.0, stride=2, checkpoint_every=4, block_frames=2,
-              integrator="respa", action_options={"inner_steps": 3})
+              integrator="respa", action_options={"inner_steps": 3, "split_angstrom": 2.8})
     simulate(model, init, out=tmp_path / "a.zarr", **kw)
 
     def stop_at_7(step, total, elapsed):
@@ -251,7 +321,8 @@ def test_respa_nvt_run_resumes_bitwise(store, tmp_path):
     b = xr.open_zarr(tmp_path / "b.zarr", consolidated=False).compute()
     for name in ("positions", "velocities", "forces", "potential_energy", "thermo_conserved"):
         np.testing.assert_array_equal(b[name].values, a[name].values)
-    assert json.loads(a.attrs["simulation_settings"])["inner_steps"] == 3
+    settings = json.loads(a.attrs["simulation_settings"])
+    assert settings["inner_steps"] == 3 and settings["split_angstrom"] == 2.8
 
 
 def test_respa_settings_are_checked_before_anything_is_written(store, tmp_path):
@@ -262,8 +333,12 @@ def test_respa_settings_are_checked_before_anything_is_written(store, tmp_path):
         simulate(model, init, steps=2, dt_fs=2.0, integrator="respa", max_force_ev_per_angstrom=10.0, out=out)
     with pytest.raises(ValueError, match="inner-steps must be an integer >= 1"):
         simulate(model, init, steps=2, dt_fs=2.0, integrator="respa", action_options={"inner_steps": 0.5}, out=out)
-    with pytest.raises(ValueError, match="expected inner_steps, bond_angstrom"):
+    with pytest.raises(ValueError, match="expected bond_angstrom, inner_steps, split, split_angstrom"):
         simulate(model, init, steps=2, dt_fs=2.0, integrator="respa", action_options={"tol_angstrom": 1e-9}, out=out)
+    with pytest.raises(ValueError, match="split-angstrom: split at 4.5 Å lies beyond"):
+        simulate(model, init, steps=2, dt_fs=2.0, integrator="respa", action_options={"split_angstrom": 4.5}, out=out)
+    with pytest.raises(ValueError, match="respa split 'atoms'"):
+        simulate(model, init, steps=2, dt_fs=2.0, integrator="respa", action_options={"split": "atoms"}, out=out)
     agent = load_model(DATA / "models" / "agent-paper.json")
     with pytest.raises(ValueError, match="use a conservative model"):
         simulate(agent, init, steps=2, dt_fs=2.0, integrator="respa", out=out)
@@ -273,10 +348,32 @@ def test_respa_settings_are_checked_before_anything_is_written(store, tmp_path):
 def test_simulate_command_with_respa(store, tmp_path, capsys):
     out = tmp_path / "c.zarr"
     assert main(["simulate", "--model", str(MODEL), "--init", f"{store}:5", "--integrator", "respa", "--dt-fs", "1.5",
-                 "--inner-steps", "3", "--nve", "--steps", "6", "--stride", "2", "--out", str(out)]) == 0
+                 "--inner-steps", "3", "--split", "molecules", "--nve", "--steps", "6", "--stride", "2",
+                 "--out", str(out)]) == 0
     ds = xr.open_zarr(out, consolidated=False)
-    assert json.loads(ds.attrs["simulation_settings"])["inner_steps"] == 3
+    settings = json.loads(ds.attrs["simulation_settings"])
+    assert settings["inner_steps"] == 3 and settings["split"] == "molecules" and settings["bond_angstrom"] == 1.3
     assert ds.sizes["frame"] == 4 and float(ds["time"][-1]) == pytest.approx(9.0)
     assert main(["simulate", "--model", str(MODEL), "--init", f"{store}:5", "--inner-steps", "3", "--steps", "2",
                  "--out", str(tmp_path / "d.zarr")]) != 0
     assert "--inner-steps applies to --integrator respa" in capsys.readouterr().err
+
+
+def test_ensemble_member_runs_respa(store, tmp_path):
+    from ensemble.io.store import open_trajectory
+    from ensemble.runner import load_ensemble, run_member, validate
+
+    cfg = tmp_path / "e.toml"
+    cfg.write_text(f'[ensemble]\nname = "t"\nreference = "{store}"\n[models]\nm = "{MODEL}"\n'
+                   '[defaults]\nsteps = 6\nstride = 2\ninit_frame = 5\n'
+                   '[[members]]\nintegrator = "respa"\ndt_fs = 2.0\n')
+    ens = load_ensemble(cfg)
+    assert ens.members[0].integrator == "respa"
+    validate(ens)
+    summary = run_member(ens.members[0], str(tmp_path / "out"))
+    assert summary["status"] == "complete"
+    ds = open_trajectory(tmp_path / "out" / "members" / f"{ens.members[0].id}.zarr")
+    settings = json.loads(ds.attrs["simulation_settings"])
+    assert settings["integrator"] == "respa" and settings["inner_steps"] == 2 and settings["temperature_K"] == 300.0
+    assert settings["split"] == "distance" and settings["split_angstrom"] == 3.0
+    assert ds.sizes["frame"] == 4 and 200 < float(ds["temperature"].mean()) < 450

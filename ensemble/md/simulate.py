@@ -45,7 +45,7 @@ __all__ = ["InitialState", "initial_state", "tile", "SimulationError", "Settings
 #: ``verlet``: velocity Verlet; ``action``: the learned long-step map (needs an action model);
 #: ``midpoint``: the same map with the learned terms off (the implicit midpoint rule);
 #: ``direct``: the structure-free baseline predictor (needs a direct model); ``respa``: multiple
-#: time stepping, the model's intramolecular part on a short inner step (:mod:`ensemble.md.respa`)
+#: time stepping, the model's short-range part on a short inner step (:mod:`ensemble.md.respa`)
 INTEGRATORS = ("verlet", "action", "midpoint", "direct", "respa")
 
 
@@ -242,8 +242,12 @@ def _integrator(model: Model, init: InitialState, integrator: str, action, optio
 
 
 def _respa_integrator(model: Model, init: InitialState, action, options: dict | None, dt_fs: float, max_force):
-    """r-RESPA with the intramolecular split of the run's initial state (the same split on resume)."""
-    from .respa import default_inner_steps, intramolecular_split, respa
+    """r-RESPA with the split of the run's initial state (rebuilt identically on resume).
+
+    Options: ``split`` (``distance``, the default, or ``molecules``), ``split_angstrom`` (3.0, the
+    distance split), ``bond_angstrom`` (1.3, the molecules split), ``inner_steps`` (default: inner
+    steps of 1 fs for the distance split, 0.5 fs for the molecules)."""
+    from .respa import SPLITS, default_inner_steps, intramolecular_split, respa, short_range_split
 
     if action is not None:
         raise SettingsError("the respa integrator takes no action model")
@@ -253,18 +257,34 @@ def _respa_integrator(model: Model, init: InitialState, action, options: dict | 
         raise SettingsError(f"the respa integrator splits a potential energy; the model is of kind {model.kind!r} "
                             "(its forces have none), use a conservative model")
     options = dict(options or {})
-    unknown = set(options) - {"inner_steps", "bond_angstrom"}
-    if unknown:
-        raise SettingsError(f"respa options {sorted(unknown)}; expected inner_steps, bond_angstrom")
-    n_inner = options.get("inner_steps") or default_inner_steps(dt_fs)
-    bond = options.get("bond_angstrom", 1.3)
+    known = {"inner_steps", "split", "split_angstrom", "bond_angstrom"}
+    if set(options) - known:
+        raise SettingsError(f"respa options {sorted(set(options) - known)}; expected {', '.join(sorted(known))}")
+    split = options.get("split", "distance")
+    if split not in SPLITS:
+        raise SettingsError(f"respa split {split!r}; expected one of {SPLITS}")
+    n_inner = options.get("inner_steps") or default_inner_steps(dt_fs, split)
     if not (isinstance(n_inner, (int, np.integer)) and not isinstance(n_inner, bool) and n_inner >= 1):
         raise SettingsError(f"--inner-steps must be an integer >= 1, got {n_inner!r}")
-    _finite_positive("bond_angstrom", bond)
     species = np.array(init.species)
-    split = intramolecular_split(model, init.positions, init.box, species, bond)
-    fast = model.restricted_force_fn(init.box, species, split.pairs, split.feature_shift, with_energy=False)
-    settings = {"integrator": "respa", "inner_steps": int(n_inner), "bond_angstrom": float(bond)}
+    settings = {"integrator": "respa", "inner_steps": int(n_inner), "split": split}
+    if split == "distance":
+        rs = options.get("split_angstrom", 3.0)
+        _finite_positive("split_angstrom", rs)
+        try:
+            fast_model = short_range_split(model, init.positions, init.box, species, rs).fast_model
+        except ValueError as exc:
+            raise SettingsError(f"--split-angstrom: {exc}") from None
+        fast = fast_model.force_fn(init.box, species)
+        settings["split_angstrom"] = float(rs)
+    else:
+        if "split_angstrom" in options:
+            raise SettingsError("--split-angstrom applies to the distance split")
+        bond = options.get("bond_angstrom", 1.3)
+        _finite_positive("bond_angstrom", bond)
+        sp = intramolecular_split(model, init.positions, init.box, species, bond)
+        fast = model.restricted_force_fn(init.box, species, sp.pairs, sp.feature_shift, with_energy=False)
+        settings["bond_angstrom"] = float(bond)
     return (*respa(model.force_fn(init.box, species), fast, dt_fs, int(n_inner), init.masses), settings)
 
 
@@ -293,7 +313,8 @@ def simulate(model: Model, init: InitialState, *, steps: int, dt_fs: float = 0.5
     ``integrator`` is one of :data:`INTEGRATORS`; ``action`` the
     :class:`~ensemble.md.action.ActionModel` for ``action`` / ``direct`` (its step must equal
     ``dt_fs``), ``action_options`` keywords of :func:`~ensemble.md.action.action_integrator`
-    (tolerance, iteration cap, ...).
+    (tolerance, iteration cap, ...) or, for ``respa``, its split and inner steps (``split``,
+    ``split_angstrom``, ``bond_angstrom``, ``inner_steps``).
     """
     out = Path(out)
     for name, value in (("steps", steps), ("stride", stride), ("checkpoint_every", checkpoint_every),
