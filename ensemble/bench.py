@@ -618,8 +618,8 @@ def bench_action(model_path: str | Path, action_paths, *, ps: float = 1.0, init:
     fairer measure of the work. An entry ``midpoint:H`` times the map with the learned terms off
     (the implicit midpoint rule) at step H fs; ``respa:H`` (or ``respa:H:N``) multiple time stepping
     at a long step of H fs with N inner steps of the short-range part (default: inner steps of
-    1 fs), one full force evaluation per long step; ``respa-molecules:H[:N]`` the same with the
-    intramolecular split (inner steps of 0.5 fs by default).
+    0.5 fs), one full force evaluation per long step; ``respa-molecules:H[:N]`` the same with the
+    intramolecular split.
     """
     from .md import initial_state, velocity_verlet
     from .md.action import ActionModel, ModelPotential, action_integrator, direct_integrator, load_action

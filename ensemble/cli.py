@@ -612,12 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "rule (the map without learned terms); the direct baseline predictor (--action); "
                         "multiple time stepping, the model's short-range part on a short inner step (respa)")
     s.add_argument("--inner-steps", type=int, help="respa: inner steps per --dt-fs step (default: inner steps of "
-                                                    "<= 1 fs; 0.5 fs with --split molecules)")
+                                                    "<= 0.5 fs)")
     s.add_argument("--split", choices=["distance", "molecules"], help="respa: the fast part is the model cut off at "
                                                                      "--split-angstrom (distance, default) or its "
                                                                      "energy inside each molecule (molecules)")
     s.add_argument("--split-angstrom", type=float, help="respa: where the distance split cuts the model off "
-                                                        "(default 3 Å)")
+                                                        "(default 4 Å, or where the model's own cutoff switch "
+                                                        "begins if shorter), switched off over its outer half")
     s.add_argument("--action", help="action / direct model JSON from `ensemble fit-action` (its dt = --dt-fs)")
     s.add_argument("--tol-angstrom", type=float, help="fixed-point tolerance of the map, Å (default 1e-9)")
     s.add_argument("--max-iter", type=int, help="fixed-point iteration cap (default 30)")

@@ -116,18 +116,20 @@ def test_isolated_molecules_restricted_energy_is_the_full_energy(which):
 def test_short_range_model_is_h_of_the_short_features_plus_the_environment(small, which):
     """V_fast(q) = sum_k H(x_k^short(q) + c_s) up to a constant: energy differences between two
     configurations computed from the definition (features of the model with its radial functions cut
-    at 3 Å, plus the species-mean environment) equal the fast model's; its forces are -grad V_fast."""
+    at the default split - 4 Å for the pair model, 3.5 Å where the many-body model's angular switch
+    begins - plus the species-mean environment) equal the fast model's; its forces are -grad V_fast."""
     pos, _, species, _, box = small
     model = load_model(MODEL) if which == "pair" else load_model(MANYBODY)
     box = np.full(3, 10.2)
     split = short_range_split(model, pos, box, species)
     fast = split.fast_model
-    assert fast.cutoff_angstrom == 3.0 and (fast.angular is None) == (model.angular is None)
+    assert split.split_angstrom == (4.0 if which == "pair" else 3.5) and split.width_angstrom == split.split_angstrom / 2
+    assert fast.cutoff_angstrom == split.split_angstrom and (fast.angular is None) == (model.angular is None)
     from ensemble.invariants import species_index
 
     codes, _ = species_index(species, list(model.species))
     env = model.features(pos, box, species) - fast.features(pos, box, species)
-    assert np.abs(env).max() > 1e-3                                 # neighbours beyond 3 Å exist
+    assert np.abs(env).max() > 1e-3                                 # neighbours beyond the split exist
 
     def by_definition(q):
         x = fast.features(q, box, species)
@@ -270,7 +272,7 @@ def test_two_spring_oscillator_matches_the_analytic_map_and_shows_the_impulse_re
 
 def test_default_inner_steps():
     assert [default_inner_steps(h, "molecules") for h in (0.5, 1.0, 2.0, 2.2, 4.0)] == [1, 2, 4, 5, 8]
-    assert [default_inner_steps(h) for h in (0.5, 1.0, 2.0, 2.2, 4.0)] == [1, 1, 2, 3, 4]
+    assert [default_inner_steps(h) for h in (0.5, 1.0, 2.0, 2.2, 4.0)] == [1, 2, 4, 5, 8]
 
 
 # --------------------------------------------------------------------------- runs
@@ -284,7 +286,7 @@ def test_respa_nve_conserves_energy(store, tmp_path, which, split):
     ds = xr.open_zarr(tmp_path / "r.zarr", consolidated=False)
     settings = json.loads(ds.attrs["simulation_settings"])
     assert settings["integrator"] == "respa" and settings["split"] == split
-    assert settings["inner_steps"] == (2 if split == "distance" else 4)
+    assert settings["inner_steps"] == 4
     e = ds["conserved_energy"].values
     # the total energy of 384 atoms fluctuates by ~0.5 meV per atom at this step (0.05 at 0.5 fs
     # Verlet), without a trend (a wrong kick, e.g. the slow force counted twice, heats at once)
@@ -374,6 +376,6 @@ def test_ensemble_member_runs_respa(store, tmp_path):
     assert summary["status"] == "complete"
     ds = open_trajectory(tmp_path / "out" / "members" / f"{ens.members[0].id}.zarr")
     settings = json.loads(ds.attrs["simulation_settings"])
-    assert settings["integrator"] == "respa" and settings["inner_steps"] == 2 and settings["temperature_K"] == 300.0
-    assert settings["split"] == "distance" and settings["split_angstrom"] == 3.0
+    assert settings["integrator"] == "respa" and settings["inner_steps"] == 4 and settings["temperature_K"] == 300.0
+    assert settings["split"] == "distance" and settings["split_angstrom"] == 4.0 and settings["split_width_angstrom"] == 2.0
     assert ds.sizes["frame"] == 4 and 200 < float(ds["temperature"].mean()) < 450

@@ -14,21 +14,25 @@ The split is learned from the model itself; V_slow = V - V_fast always. Two kind
 
 ``distance`` (the default, :func:`short_range_split`)
     V_fast is the same model with every radial function (pair weights and angular radials) cut off
-    smoothly at ``split_angstrom`` (3 Å, switched off over the last 0.6 Å) instead of at the
-    model's cutoff, the prior included:
+    smoothly at ``split_angstrom`` (by default 4 Å or where the model's own switch begins, if that
+    is shorter; switched off over its outer half) instead of at the model's cutoff, the prior
+    included:
 
         V_fast(q) = sum_k H_{s_k}(x_k^short(q) + c_{s_k}),    c_s = mean over atoms of s of (x_k - x_k^short),
 
     with c the mean environment beyond the split at the run's first frame (folded into the linear
     coefficients: H(x + c) = H(x) + (B c) . x + const). Covalent bonds, short hydrogen bonds and a
-    proton shared between two oxygens all lie inside 3 Å, so nothing about molecules is assumed:
-    reactive water is split as well as intact water.
+    proton shared between two oxygens all lie inside the split, so nothing about molecules is
+    assumed: reactive water is split as well as intact water. The fast part is then a sizeable
+    fraction of the model (half of a force evaluation at 4 Å for the cutoff-5 model), so the gain is
+    smaller than with the molecules.
 ``molecules`` (:func:`intramolecular_split`)
     V_fast is the model's energy over the pairs inside each molecule only (bonded clusters of the
     first frame, fixed for the run), features offset by the same mean environment. Cheaper (a few
-    hundred pairs), but a proton that leaves its molecule, or a hydrogen bond shortened towards
-    transfer, is left to the long step: it holds for the pair models of intact water and fails for
-    the many-body demo model within 0.3 ps at 2 fs (the README gives the measurements).
+    hundred pairs: 3.3x the simulated ps per second of Verlet at 2 fs), but a proton that leaves its
+    molecule, or a hydrogen bond shortened towards transfer, is left to the long step: it holds for
+    the pair models of intact water and fails for the many-body demo model within 0.3 ps at 2 fs
+    (the README gives the measurements).
 
 Either split is computed once from the run's initial state and then fixed: V_fast is one smooth
 function of the positions for the whole run, so the map stays exactly symplectic, and a resumed
@@ -57,9 +61,14 @@ __all__ = ["SPLITS", "IntramolecularSplit", "intramolecular_split", "ShortRangeS
 #: kinds of split (see the module docstring)
 SPLITS = ("distance", "molecules")
 
-#: the short step the fast part is integrated with by default (fs): 1 fs for the short-range model
-#: (its fastest mode, the O-H stretch, turns by 0.7 rad per step there), 0.5 fs for the molecules
-INNER_STEP_FS = {"distance": 1.0, "molecules": 0.5}
+#: the short step the fast part is integrated with by default (fs): velocity Verlet's step for
+#: water. 1 fs holds for pair models with the distance split, not for the many-body demo model
+#: (its short hydrogen bonds and prior lie in the fast part)
+INNER_STEP_FS = {"distance": 0.5, "molecules": 0.5}
+
+#: the distance split's default: at most 4 Å, switched off over its outer half. A switch narrower
+#: than ~1.5 Å heats 10 ps runs at 2 fs (0.7 meV/atom/ps at 3.0 / 0.6 Å with the cutoff-5 model)
+MAX_SPLIT_ANGSTROM = 4.0
 
 
 def default_inner_steps(dt_fs: float, split: str = "distance") -> int:
@@ -78,24 +87,27 @@ class ShortRangeSplit:
     width_angstrom: float
 
 
-def short_range_split(model, positions, box, species, split_angstrom: float = 3.0,
-                      width_angstrom: float = 0.6) -> ShortRangeSplit:
+def short_range_split(model, positions, box, species, split_angstrom: float | None = None,
+                      width_angstrom: float | None = None) -> ShortRangeSplit:
     """The model with every radial function cut off at ``split_angstrom`` instead of its own cutoff
     (prior kept) and A_s + B_s c_s for A_s, c_s the species mean of x - x^short at ``positions``.
 
     The split must lie inside the region where the model's own cutoff switches are still 1
     (split <= cutoff - width, pair and angular alike), so that V_fast is the model's radial functions
-    times one smooth switch and nothing else."""
+    times one smooth switch and nothing else. Default: the largest such split up to
+    :data:`MAX_SPLIT_ANGSTROM` (4 Å for the cutoff-5 model, 3.5 Å for the many-body demo model),
+    switched off over its outer half (``width_angstrom`` = split / 2)."""
     if model.kind != "conservative":
         raise ValueError(f"a split of the energy needs a conservative model; this one is {model.kind!r}")
-    rs, ws = float(split_angstrom), float(width_angstrom)
-    if not (np.isfinite(rs) and np.isfinite(ws) and 0 < ws <= rs):
-        raise ValueError(f"split_angstrom and width_angstrom must be finite with 0 < width <= split, got {rs}, {ws}")
     limits = []
     if model.cutoff_angstrom is not None:
         limits.append(("pair", model.cutoff_angstrom - model.width_angstrom))
     if model.angular is not None:
         limits.append(("angular", model.angular.cutoff_angstrom - model.angular.cutoff_width_angstrom))
+    rs = min([MAX_SPLIT_ANGSTROM] + [lim for _, lim in limits]) if split_angstrom is None else float(split_angstrom)
+    ws = 0.5 * rs if width_angstrom is None else float(width_angstrom)
+    if not (np.isfinite(rs) and np.isfinite(ws) and 0 < ws <= rs):
+        raise ValueError(f"split_angstrom and width_angstrom must be finite with 0 < width <= split, got {rs}, {ws}")
     for name, lim in limits:
         if rs > lim + 1e-12:
             raise ValueError(f"split at {rs:g} Å lies beyond where the model's {name} cutoff starts to switch off "

@@ -244,9 +244,9 @@ def _integrator(model: Model, init: InitialState, integrator: str, action, optio
 def _respa_integrator(model: Model, init: InitialState, action, options: dict | None, dt_fs: float, max_force):
     """r-RESPA with the split of the run's initial state (rebuilt identically on resume).
 
-    Options: ``split`` (``distance``, the default, or ``molecules``), ``split_angstrom`` (3.0, the
-    distance split), ``bond_angstrom`` (1.3, the molecules split), ``inner_steps`` (default: inner
-    steps of 1 fs for the distance split, 0.5 fs for the molecules)."""
+    Options: ``split`` (``distance``, the default, or ``molecules``), ``split_angstrom`` (the
+    distance split; default :func:`~ensemble.md.respa.short_range_split`'s), ``bond_angstrom`` (1.3,
+    the molecules split), ``inner_steps`` (default: inner steps of 0.5 fs)."""
     from .respa import SPLITS, default_inner_steps, intramolecular_split, respa, short_range_split
 
     if action is not None:
@@ -269,14 +269,14 @@ def _respa_integrator(model: Model, init: InitialState, action, options: dict | 
     species = np.array(init.species)
     settings = {"integrator": "respa", "inner_steps": int(n_inner), "split": split}
     if split == "distance":
-        rs = options.get("split_angstrom", 3.0)
-        _finite_positive("split_angstrom", rs)
+        rs = options.get("split_angstrom")
+        _finite_positive("split_angstrom", rs, optional=True)
         try:
-            fast_model = short_range_split(model, init.positions, init.box, species, rs).fast_model
+            cut = short_range_split(model, init.positions, init.box, species, rs)
         except ValueError as exc:
             raise SettingsError(f"--split-angstrom: {exc}") from None
-        fast = fast_model.force_fn(init.box, species)
-        settings["split_angstrom"] = float(rs)
+        fast = cut.fast_model.force_fn(init.box, species)
+        settings.update(split_angstrom=cut.split_angstrom, split_width_angstrom=cut.width_angstrom)
     else:
         if "split_angstrom" in options:
             raise SettingsError("--split-angstrom applies to the distance split")
