@@ -647,8 +647,13 @@ def bench_action(model_path: str | Path, action_paths, *, ps: float = 1.0, init:
             its = []
             evals0 = potential.evaluations if potential is not None else 0
             w, c = time.perf_counter(), time.process_time()
-            for _ in range(n):
-                s = step_fn(s)
+            for k in range(n):
+                try:
+                    s = step_fn(s)
+                except ArithmeticError as exc:          # a run that blows up fails inside a kernel
+                    raise RuntimeError(f"blew up in step {k + 1} ({type(exc).__name__}: {exc})") from None
+                if not np.isfinite(s.velocities).all():
+                    raise RuntimeError(f"blew up in step {k + 1} (non-finite velocities)")
                 if s.aux is not None and "iterations" in s.aux:
                     its.append(s.aux["iterations"])
             w, c = time.perf_counter() - w, time.process_time() - c
