@@ -50,3 +50,36 @@ def ingested_dft(directory: Path) -> Path:
     out = directory / "dft.zarr"
     assert main(["ingest", str(DATA / "dft-h2o32"), "--out", str(out), "--cell", "9.8528", "9.8528", "9.8528"]) == 0
     return out
+
+
+def small_water():
+    """4 water molecules in a 10.2 Å box (the cutoff-5 model needs >= 10 Å) with thermal velocities:
+    positions, velocities, species (list), masses, box."""
+    import numpy as np
+
+    from ensemble.waterbox import build_water_box
+
+    wb = build_water_box(4, seed=3, box_angstrom=10.2)
+    mass = {"O": 15.9994, "H": 1.00794}
+    masses = np.array([mass[s] for s in wb.species])
+    rng = np.random.default_rng(1)
+    vel = rng.normal(size=wb.positions.shape) * np.sqrt(0.0259 / 103.64 / masses)[:, None]
+    return wb.positions.copy(), vel, list(wb.species), masses, np.full(3, wb.box_angstrom)
+
+
+def interrupted_and_resumed(simulate_run, tmp_path: Path, stop_step: int):
+    """Run ``simulate_run(out, **extra)`` whole into a.zarr, and into b.zarr stopped (KeyboardInterrupt)
+    after ``stop_step`` and then resumed; returns both stores, loaded."""
+    import xarray as xr
+
+    simulate_run(tmp_path / "a.zarr")
+
+    def stop(step, total, elapsed):
+        if step == stop_step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate_run(tmp_path / "b.zarr", progress=stop)
+    simulate_run(tmp_path / "b.zarr", resume=True)
+    return (xr.open_zarr(tmp_path / "a.zarr", consolidated=False).compute(),
+            xr.open_zarr(tmp_path / "b.zarr", consolidated=False).compute())

@@ -15,22 +15,15 @@ from ensemble.md.action_kernels import find_clusters, radial3, shell3, switch3
 from ensemble.invariants import neighbour_pairs
 from ensemble.model import load_model
 from ensemble.units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2 as EV_TO_INTERNAL
-from ensemble.waterbox import build_water_box
 
-from conftest import DATA
+from conftest import DATA, small_water
 
 MODEL = DATA / "models" / "conservative-c5.json"
-MASS = {"O": 15.9994, "H": 1.00794}
 
 
 @pytest.fixture(scope="module")
 def small():
-    """4 water molecules in a 10.2 Å box (the cutoff-5 model needs >= 10 Å), thermal velocities."""
-    wb = build_water_box(4, seed=3, box_angstrom=10.2)
-    masses = np.array([MASS[s] for s in wb.species])
-    rng = np.random.default_rng(1)
-    vel = rng.normal(size=wb.positions.shape) * np.sqrt(0.0259 / 103.64 / masses)[:, None]
-    return wb.positions.copy(), vel, list(wb.species), masses, np.full(3, wb.box_angstrom)
+    return small_water()
 
 
 def _fd(fn, x, eps, order=2):

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import xarray as xr
 
 from ensemble.cli import main
 from ensemble.diagnostics import _peak, compare_runs, run_diagnostics, vdos_upto
@@ -17,7 +16,7 @@ from ensemble.md import initial_state, simulate
 from ensemble.md.action import ActionModel, default_features, load_action
 from ensemble.model import load_model
 
-from conftest import DATA, embedded_store
+from conftest import DATA, embedded_store, interrupted_and_resumed
 
 MODEL = DATA / "models" / "conservative-c5.json"
 
@@ -66,17 +65,7 @@ def test_action_nvt_run_resumes_bitwise(store, fitted, tmp_path):
     init = initial_state(f"{store}:10")
     kw = dict(steps=16, dt_fs=2.0, temperature_K=300.0, stride=4, checkpoint_every=8, block_frames=2,
               integrator="action", action=fitted, action_options={"tol_angstrom": 1e-10})
-    simulate(model, init, out=tmp_path / "a.zarr", **kw)
-
-    def stop_at_13(step, total, elapsed):
-        if step == 13:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        simulate(model, init, out=tmp_path / "b.zarr", progress=stop_at_13, **kw)
-    simulate(model, init, out=tmp_path / "b.zarr", resume=True, **kw)
-    a = xr.open_zarr(tmp_path / "a.zarr", consolidated=False).compute()
-    b = xr.open_zarr(tmp_path / "b.zarr", consolidated=False).compute()
+    a, b = interrupted_and_resumed(lambda out, **extra: simulate(model, init, out=out, **kw, **extra), tmp_path, 13)
     for name in ("positions", "velocities", "forces", "potential_energy", "thermo_temperature", "thermo_iterations",
                  "thermo_residual"):
         np.testing.assert_array_equal(b[name].values, a[name].values)

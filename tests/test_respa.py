@@ -20,24 +20,17 @@ from ensemble.md.integrators import velocity_verlet
 from ensemble.md.respa import default_inner_steps, intramolecular_split, respa, short_range_split
 from ensemble.model import ModelError, load_model
 from ensemble.units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2 as CONV
-from ensemble.waterbox import build_water_box
-
-from conftest import DATA, embedded_store
+from conftest import DATA, embedded_store, interrupted_and_resumed, small_water
 from test_manybody import random_manybody
 
 MODEL = DATA / "models" / "conservative-c5.json"
 MANYBODY = DATA / "models" / "manybody-demo.json"
-MASS = {"O": 15.9994, "H": 1.00794}
 
 
 @pytest.fixture(scope="module")
 def small():
-    """4 water molecules in a 10.2 Å box (the cutoff-5 model needs >= 10 Å), thermal velocities."""
-    wb = build_water_box(4, seed=3, box_angstrom=10.2)
-    masses = np.array([MASS[s] for s in wb.species])
-    rng = np.random.default_rng(1)
-    vel = rng.normal(size=wb.positions.shape) * np.sqrt(0.0259 / 103.64 / masses)[:, None]
-    return wb.positions.copy(), vel, np.array(wb.species), masses, np.full(3, wb.box_angstrom)
+    pos, vel, species, masses, box = small_water()
+    return pos, vel, np.array(species), masses, box
 
 
 @pytest.fixture(scope="module")
@@ -310,17 +303,7 @@ def test_respa_nvt_run_resumes_bitwise(store, tmp_path):
     init = initial_state(f"{store}:5")
     kw = dict(steps=12, dt_fs=2.0, temperature_K=300.0, stride=2, checkpoint_every=4, block_frames=2,
               integrator="respa", action_options={"inner_steps": 3, "split_angstrom": 2.8})
-    simulate(model, init, out=tmp_path / "a.zarr", **kw)
-
-    def stop_at_7(step, total, elapsed):
-        if step == 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        simulate(model, init, out=tmp_path / "b.zarr", progress=stop_at_7, **kw)
-    simulate(model, init, out=tmp_path / "b.zarr", resume=True, **kw)
-    a = xr.open_zarr(tmp_path / "a.zarr", consolidated=False).compute()
-    b = xr.open_zarr(tmp_path / "b.zarr", consolidated=False).compute()
+    a, b = interrupted_and_resumed(lambda out, **extra: simulate(model, init, out=out, **kw, **extra), tmp_path, 7)
     for name in ("positions", "velocities", "forces", "potential_energy", "thermo_conserved"):
         np.testing.assert_array_equal(b[name].values, a[name].values)
     settings = json.loads(a.attrs["simulation_settings"])
