@@ -350,7 +350,6 @@ def _add_moments(e, r, geo, l_max, mono, pw, rad, um, tka, dgka):
 def _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, xk):
     """One centre's features (Q,) from its moments T (S, N_r, n_mono) and diagonal sums Dg."""
     nr = tk.shape[1]
-    nm = tk.shape[2]
     nl = l_max + 1
     for a in range(n_species):
         for nn in range(nr):
@@ -392,7 +391,6 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
     dg_all = np.zeros((n, n_species, nr, nr))
     rad_all = np.empty((start[n], 2, nr))
     um = np.empty(nm)
-    dum = np.empty((3, nm))
     pw = np.empty((3, l_max + 2))
     s_p = np.empty(nl)
     for k in range(n):
@@ -848,7 +846,6 @@ def _centre_adjoint(tk, dhk, n_species, l_max, mono_p, mono_w, leg, channels, ga
     """dE_k / dT[a, n, alpha] (gadj) and dE_k / dDg[a, n, m] (wdiag) of one centre from its moments
     and dh = dE_k / dx_k (Q,)."""
     nr = tk.shape[1]
-    nm = tk.shape[2]
     nl = l_max + 1
     gadj[:] = 0.0
     wdiag[:] = 0.0

@@ -266,7 +266,7 @@ def _screen_settings(args, cfg):
 def cmd_fit_action(args) -> int:
     from .cluster import open_client
     from .fit.action import distill, fit_action, format_action_table
-    from .md.action import PairFeatures, default_features
+    from .md.action import default_features
     from .model import load_model
 
     model = load_model(args.model)          # a clear error before any work

@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .analysis import (CRITERIA, STATS_SCHEMA, AnalysisError, analyze, open_stats, rdf_area, run_scalars,
+from .analysis import (CRITERIA, STATS_SCHEMA, analyze, open_stats, rdf_area, run_scalars,
                        select_frames, split_frame_range, stability)
 from .errors import UserError
 

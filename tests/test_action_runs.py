@@ -13,7 +13,7 @@ from ensemble.diagnostics import _peak, compare_runs, run_diagnostics, vdos_upto
 from ensemble.fit.action import fit_action
 from ensemble.io.store import open_trajectory
 from ensemble.md import initial_state, simulate
-from ensemble.md.action import ActionModel, default_features, load_action
+from ensemble.md.action import load_action
 from ensemble.model import load_model
 
 from conftest import DATA, embedded_store, interrupted_and_resumed

@@ -328,7 +328,7 @@ def format_action_table(am: ActionModel) -> str:
     e, b = am.metrics["errors"], am.metrics["baseline_errors"]
     split = "validation" if any("validation" in v for v in e.values()) else "train"
     lines = [f"{am.kind} map, h = {am.dt_fs:g} fs, {split} split ({am.metrics['baseline']} as baseline)",
-             f"| species | RMSE dq (Å) | baseline | RMSE dv (Å/fs) | baseline | relative dq | relative dv |",
+             "| species | RMSE dq (Å) | baseline | RMSE dv (Å/fs) | baseline | relative dq | relative dv |",
              "|---|---|---|---|---|---|---|"]
     for s in e:
         if split not in e[s]:
