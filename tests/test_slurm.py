@@ -316,15 +316,18 @@ def _steps_per_s(ref_store: Path, tile: int = 1) -> float:
 
 
 def test_a_member_whose_job_hits_its_walltime_resumes_from_its_checkpoint(slurm, ref_store, tmp_path):
-    # a member of ~105 s on one core: SLURM ends a 1-minute job 60-90 s after it starts (it checks
-    # time limits every 30 s) and its worker needs ~5-10 s to start, so the first job cannot finish
-    # it and the next one (up to 80 s of work) can. The box tiled 2x2x2 (3072 atoms), and a time
+    # a member of ~150 s on one core: SLURM ends a 1-minute job 60-90 s after it starts (it checks
+    # time limits every 30 s) and its worker needs ~5-10 s to start, so no job can finish it alone and
+    # two or three jobs, each resuming from the last checkpoint, can. (Sized at 105 s, one CI run saw
+    # the member finished by a second job that had resumed nothing: most likely the first job ran
+    # long enough to complete the simulation and was ended during the member's analysis.) The box
+    # tiled 2x2x2 (3072 atoms), and a time
     # step that makes those steps 1 ps whatever the machine's speed: the small test model is not
     # made for long runs (it heats away after ~3.7 ps); forces clipped at 5 eV/Å (clip counts are
     # part of the checkpoint: resume stays exact); a checkpoint every fifth of the run
-    steps = int(105 * _steps_per_s(ref_store, tile=2)) // 250 * 250
+    steps = int(150 * _steps_per_s(ref_store, tile=2)) // 250 * 250
     ck = steps // 5
-    assert ck >= 50, f"this machine runs {steps} steps in 105 s: too slow for the test's sizing"
+    assert ck >= 50, f"this machine runs {steps} steps in 150 s: too slow for the test's sizing"
     dt_fs = min(0.5, 1000.0 / steps)
     cfg = _config(tmp_path / "ens.toml", ref_store, f"""checkpoint_every = {ck}
 
