@@ -351,7 +351,7 @@ log_directory = "{tmp_path / 'logs'}"
     out = tmp_path / "out"
     run = _ensemble("run", str(cfg), "--out", str(out), env=slurm.env)
     seen: dict[str, str] = {}
-    deadline = time.time() + 480
+    deadline = time.time() + 720          # two or three jobs of 60-90 s, each queued and started
     while run.poll() is None and time.time() < deadline:
         seen.update(slurm.jobs())
         time.sleep(0.5)
