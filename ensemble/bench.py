@@ -669,7 +669,7 @@ def bench_action(model_path: str | Path, action_paths, *, ps: float = 1.0, init:
                            0.5), integrator="verlet")]
         for path in action_paths:
             if str(path).startswith(("respa:", "respa-molecules:")):   # multiple time stepping
-                from .md.respa import default_inner_steps, intramolecular_split, respa, short_range_split
+                from .md.respa import default_inner_steps, fast_force_fn, respa
 
                 kind, _, rest = str(path).partition(":")
                 split = "molecules" if kind == "respa-molecules" else "distance"
@@ -677,11 +677,7 @@ def bench_action(model_path: str | Path, action_paths, *, ps: float = 1.0, init:
                 h = float(h)
                 n_in = int(n_in) if n_in else default_inner_steps(h, split)
                 sp = np.array(state.species)
-                if split == "distance":
-                    fast = short_range_split(model, state.positions, state.box, sp).fast_model.force_fn(state.box, sp)
-                else:
-                    cut = intramolecular_split(model, state.positions, state.box, sp)
-                    fast = model.restricted_force_fn(state.box, sp, cut.pairs, cut.feature_shift, with_energy=False)
+                fast, _ = fast_force_fn(model, state.positions, state.box, sp, split)
                 fns = respa(model.force_fn(state.box, sp), fast, h, n_in, state.masses)
                 name = "respa" if split == "distance" else "respa-mol"
                 try:

@@ -29,7 +29,7 @@ The split is learned from the model itself; V_slow = V - V_fast always. Two kind
 ``molecules`` (:func:`intramolecular_split`)
     V_fast is the model's energy over the pairs inside each molecule only (bonded clusters of the
     first frame, fixed for the run), features offset by the same mean environment. Cheaper (a few
-    hundred pairs: 3.3x the simulated ps per second of Verlet at 2 fs), but a proton that leaves its
+    hundred pairs: about 3x the simulated ps per second of Verlet at 2 fs), but a proton that leaves its
     molecule, or a hydrogen bond shortened towards transfer, is left to the long step: it holds for
     the pair models of intact water and fails for the many-body demo model within 0.3 ps at 2 fs
     (the README gives the measurements).
@@ -55,8 +55,8 @@ from ..invariants import pairs_within, species_index
 from .action_kernels import find_clusters
 from .integrators import ForceFn, MDState, _accel
 
-__all__ = ["SPLITS", "IntramolecularSplit", "intramolecular_split", "ShortRangeSplit", "short_range_split", "respa",
-           "default_inner_steps"]
+__all__ = ["SPLITS", "IntramolecularSplit", "intramolecular_split", "ShortRangeSplit", "short_range_split",
+           "fast_force_fn", "respa", "default_inner_steps"]
 
 #: kinds of split (see the module docstring)
 SPLITS = ("distance", "molecules")
@@ -75,6 +75,12 @@ def default_inner_steps(dt_fs: float, split: str = "distance") -> int:
     """Inner steps per long step: the fewest that keep the short step at or below
     :data:`INNER_STEP_FS` of the split."""
     return max(1, int(np.ceil(float(dt_fs) / INNER_STEP_FS[split] - 1e-9)))
+
+
+def _species_mean(env: np.ndarray, codes: np.ndarray, n_species: int) -> np.ndarray:
+    """(S, F): per species the mean over its atoms of ``env`` (N, F); zero for an absent species."""
+    return np.stack([env[codes == s].mean(axis=0) if (codes == s).any() else np.zeros(env.shape[1])
+                     for s in range(n_species)])
 
 
 @dataclass(frozen=True)
@@ -118,11 +124,9 @@ def short_range_split(model, positions, box, species, split_angstrom: float | No
     pos = np.ascontiguousarray(positions, dtype=float)
     codes, _ = species_index(species, list(model.species))
     env = model.features(pos, box, species) - short.features(pos, box, species)
-    a = []
-    for s in range(len(model.species)):
-        c = env[codes == s].mean(axis=0) if (codes == s).any() else np.zeros(env.shape[1])
-        a.append(np.asarray(model.A[s], float) + np.asarray(model.B[s], float) @ c)
-    return ShortRangeSplit(replace(short, A=tuple(a)), rs, ws)
+    c = _species_mean(env, codes, len(model.species))
+    a = tuple(np.asarray(model.A[s], float) + np.asarray(model.B[s], float) @ c[s] for s in range(len(model.species)))
+    return ShortRangeSplit(replace(short, A=a), rs, ws)
 
 
 @dataclass(frozen=True)
@@ -151,10 +155,25 @@ def intramolecular_split(model, positions, box, species, bond_angstrom: float = 
     pairs = np.array(sorted(pairs), np.int64).reshape(-1, 2)
     codes, _ = species_index(species, list(model.species))
     env = model.features(pos, bx, species) - model.features_over(pos, bx, species, pairs)
-    shift = np.zeros_like(env)
-    for s in np.unique(codes):
-        shift[codes == s] = env[codes == s].mean(axis=0)
+    shift = _species_mean(env, codes, len(model.species))[codes]
     return IntramolecularSplit(pairs, shift, len(offsets) - 1, float(bond_angstrom))
+
+
+def fast_force_fn(model, positions, box, species, split: str = "distance", *, split_angstrom: float | None = None,
+                  bond_angstrom: float = 1.3):
+    """The force function of V_fast for ``split`` at ``positions`` (what :func:`respa` takes as
+    ``fast_fn``; energies not evaluated for the molecules split) and the settings that fix it."""
+    if split not in SPLITS:
+        raise ValueError(f"respa split {split!r}; expected one of {SPLITS}")
+    if split == "distance":
+        cut = short_range_split(model, positions, box, species, split_angstrom)
+        return (cut.fast_model.force_fn(box, species),
+                {"split": split, "split_angstrom": cut.split_angstrom, "split_width_angstrom": cut.width_angstrom})
+    if split_angstrom is not None:
+        raise ValueError("split_angstrom applies to the distance split")
+    cut = intramolecular_split(model, positions, box, species, bond_angstrom)
+    return (model.restricted_force_fn(box, species, cut.pairs, cut.feature_shift, with_energy=False),
+            {"split": split, "bond_angstrom": float(bond_angstrom)})
 
 
 def respa(force_fn: ForceFn, fast_fn: ForceFn, dt_fs: float, n_inner: int, masses):

@@ -247,7 +247,7 @@ def _respa_integrator(model: Model, init: InitialState, action, options: dict | 
     Options: ``split`` (``distance``, the default, or ``molecules``), ``split_angstrom`` (the
     distance split; default :func:`~ensemble.md.respa.short_range_split`'s), ``bond_angstrom`` (1.3,
     the molecules split), ``inner_steps`` (default: inner steps of 0.5 fs)."""
-    from .respa import SPLITS, default_inner_steps, intramolecular_split, respa, short_range_split
+    from .respa import SPLITS, default_inner_steps, fast_force_fn, respa
 
     if action is not None:
         raise SettingsError("the respa integrator takes no action model")
@@ -266,25 +266,16 @@ def _respa_integrator(model: Model, init: InitialState, action, options: dict | 
     n_inner = options.get("inner_steps") or default_inner_steps(dt_fs, split)
     if not (isinstance(n_inner, (int, np.integer)) and not isinstance(n_inner, bool) and n_inner >= 1):
         raise SettingsError(f"--inner-steps must be an integer >= 1, got {n_inner!r}")
+    _finite_positive("split_angstrom", options.get("split_angstrom"), optional=True)
+    _finite_positive("bond_angstrom", options.get("bond_angstrom", 1.3))
     species = np.array(init.species)
-    settings = {"integrator": "respa", "inner_steps": int(n_inner), "split": split}
-    if split == "distance":
-        rs = options.get("split_angstrom")
-        _finite_positive("split_angstrom", rs, optional=True)
-        try:
-            cut = short_range_split(model, init.positions, init.box, species, rs)
-        except ValueError as exc:
-            raise SettingsError(f"--split-angstrom: {exc}") from None
-        fast = cut.fast_model.force_fn(init.box, species)
-        settings.update(split_angstrom=cut.split_angstrom, split_width_angstrom=cut.width_angstrom)
-    else:
-        if "split_angstrom" in options:
-            raise SettingsError("--split-angstrom applies to the distance split")
-        bond = options.get("bond_angstrom", 1.3)
-        _finite_positive("bond_angstrom", bond)
-        sp = intramolecular_split(model, init.positions, init.box, species, bond)
-        fast = model.restricted_force_fn(init.box, species, sp.pairs, sp.feature_shift, with_energy=False)
-        settings["bond_angstrom"] = float(bond)
+    try:
+        fast, split_settings = fast_force_fn(model, init.positions, init.box, species, split,
+                                             split_angstrom=options.get("split_angstrom"),
+                                             bond_angstrom=options.get("bond_angstrom", 1.3))
+    except ValueError as exc:
+        raise SettingsError(f"--split-angstrom: {exc}") from None
+    settings = {"integrator": "respa", "inner_steps": int(n_inner), **split_settings}
     return (*respa(model.force_fn(init.box, species), fast, dt_fs, int(n_inner), init.masses), settings)
 
 
