@@ -288,14 +288,21 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
             "syrk_gflops": _blas_syrk_gflops(zs[0].shape[0], c + 1)}
 
 
+def _all_kind_phases(n_frames: int) -> list[dict]:
+    return [_kind_phases(kind, angular, n_frames, paper)
+            for angular, paper in ((False, True), (True, False)) for kind in ("agent", "conservative")]
+
+
 def bench_gram_kinds(n_frames: int = 8) -> list[dict]:
-    """Per-frame cost of the Gram reduction for both kinds, pair-only and many-body, on one core,
-    beside this machine's syrk rate (the rate the Z^T Z accumulation could reach)."""
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-    out = []
-    for angular, paper in ((False, True), (True, False)):
-        for kind in ("agent", "conservative"):
-            out.append(_kind_phases(kind, angular, n_frames, paper))
+    """Per-frame cost of the Gram reduction for both kinds, pair-only and many-body, beside this
+    machine's syrk rate (the rate the Z^T Z accumulation could reach), all measured inside one
+    single-threaded dask worker: the fit's own setting (BLAS, numba and OpenMP on one thread each).
+    Measured in this process instead, BLAS would use every core for Z^T Z and syrk while the numba
+    phases use one, and the fractions would compare one core with all of them."""
+    from .cluster import open_client
+
+    with open_client(n_workers=1, report=lambda m: None) as client:
+        out = next(iter(client.run(_all_kind_phases, n_frames).values()))
     print(f"  per frame, one process (128 H2O; {n_frames} frames; rate as a fraction of syrk on the same shapes: "
           "of rows + Z^T Z, and end to end = the reduction's chunk function, features included):")
     print(f"  {'kind':>12} {'features':>24} {'columns':>8} {'features':>9} {'rows':>8} {'Z^T Z':>8} {'frames/s':>9} "

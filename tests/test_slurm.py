@@ -422,7 +422,8 @@ def test_the_job_script_carries_the_cluster_table(tmp_path):
         cluster.close()
     for line in ("#SBATCH -p short", "#SBATCH -A chem42", "#SBATCH -n 1", "#SBATCH --cpus-per-task=2",
                  "#SBATCH --mem=6G", "#SBATCH -t 02:30:00", "#SBATCH --qos=debug", "export OMP_NUM_THREADS=1",
-                 "export NUMBA_NUM_THREADS=1", "module load python/3.11",
+                 "export NUMBA_NUM_THREADS=1", "export MALLOC_MMAP_THRESHOLD_=33554432",
+                 "export MALLOC_TRIM_THRESHOLD_=67108864", "module load python/3.11",
                  f"#SBATCH -e {tmp_path / 'logs'}/ensemble-worker-%J.err"):
         assert line in script.splitlines(), (line, script)
     # two single-threaded workers per job sharing its memory (6 GB = 5.59 GiB), on loopback
