@@ -303,7 +303,7 @@ def bench_gram_kinds(n_frames: int = 8) -> list[dict]:
 
     with open_client(n_workers=1, report=lambda m: None) as client:
         out = next(iter(client.run(_all_kind_phases, n_frames).values()))
-    print(f"  per frame, one process (128 H2O; {n_frames} frames; rate as a fraction of syrk on the same shapes: "
+    print(f"  per frame, one single-threaded worker (128 H2O; {n_frames} frames; rate as a fraction of syrk on the same shapes: "
           "of rows + Z^T Z, and end to end = the reduction's chunk function, features included):")
     print(f"  {'kind':>12} {'features':>24} {'columns':>8} {'features':>9} {'rows':>8} {'Z^T Z':>8} {'frames/s':>9} "
           f"{'rows+ZtZ/syrk':>14} {'end-to-end/syrk':>16}")
