@@ -320,6 +320,34 @@ def bench_gram_kinds(n_frames: int = 8) -> list[dict]:
     return out
 
 
+def _conservative_whole(client, ds, splits) -> list[dict]:
+    """The conservative kind's whole Gram reduction (dask, features, rows, Z^T Z, the sum over
+    chunks) on the client's single worker, pair-only (paper mode) and many-body, against that
+    worker's syrk rate on the same columns."""
+    from .angular import default_angular_basis
+    from .features import FeatureSpec
+    from .fit.gram import accumulate_gram
+    from .fit.pipeline import MANYBODY_CUTOFF_ANGSTROM, manybody_weights
+    from .invariants import paper_weights
+
+    n_species = len(np.unique(ds["species"].values))
+    n_rows = 3 * ds.sizes["atom"]
+    out = []
+    for label, spec in (("pair (18, paper mode)", FeatureSpec(n_species, paper_weights(), None, "pair", None, 1.0)),
+                        ("pair + angular", FeatureSpec(n_species, manybody_weights(), default_angular_basis(), "pair",
+                                                       MANYBODY_CUTOFF_ANGSTROM, 1.0))):
+        accumulate_gram(ds.isel(frame=slice(0, 50)), kind="conservative", features=spec, splits=splits)   # warm-up
+        t = time.perf_counter()
+        accumulate_gram(ds, kind="conservative", features=spec, splits=splits)
+        dt = time.perf_counter() - t
+        c = spec.block * n_species + 1
+        syrk = next(iter(client.run(_blas_syrk_gflops, 8 * n_rows, c).values()))
+        gflops = ds.sizes["frame"] * n_rows * c * c / dt / 1e9
+        out.append({"features": label, "columns": c - 1, "frames_per_s": ds.sizes["frame"] / dt, "gflops": gflops,
+                    "syrk_gflops": syrk, "syrk_fraction": gflops / syrk})
+    return out
+
+
 def bench_gram(frames: int | None = None, long_factor: int = 10, workdir: str | Path | None = None) -> dict:
     """Gram reduction of the agent model (paper mode, the paper's 18 weights) on the embedded data.
 
@@ -368,6 +396,7 @@ def bench_gram(frames: int | None = None, long_factor: int = 10, workdir: str | 
                 res[f"peak_rss_mb_{workers}w"] = max(client.run(_worker_peak_rss_mb).values())
                 if workers == 1:
                     res["phases"] = next(iter(client.run(_phase_breakdown).values()))
+                    res["conservative_whole"] = _conservative_whole(client, ds, splits)
         with open_client(n_workers=2, report=lambda m: None) as client:
             ds = open_trajectory(stores[long_factor]).chunk({"frame": 50})
             t = time.perf_counter()
@@ -395,6 +424,10 @@ def bench_gram(frames: int | None = None, long_factor: int = 10, workdir: str | 
           f"machine's single-thread BLAS syrk ({ph['syrk_gflops']:.1f} GFLOP/s; target >= 50%)")
     print(f"  whole reduction incl. invariants and dask: {res['gflops_per_worker_1w']:.1f} GFLOP/s per worker "
           f"= {eff:.0%} of syrk")
+    for w in res["conservative_whole"]:
+        print(f"  whole reduction, conservative kind, {w['features']}, 1 worker: {w['frames_per_s']:.1f} frames/s "
+              f"= {w['gflops']:.1f} GFLOP/s = {w['syrk_fraction']:.0%} of syrk ({w['syrk_gflops']:.1f} GFLOP/s on "
+              f"its {w['columns'] + 1} columns)")
     res["syrk_fraction_accumulation"] = acc_rate / ph["syrk_gflops"]
     res["syrk_fraction_total"] = eff
     res["kinds"] = bench_gram_kinds()
