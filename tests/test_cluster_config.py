@@ -113,13 +113,25 @@ def _faults_of_a_megabyte_churn():
             {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
 
 
-def test_local_workers_reuse_freed_arrays_instead_of_faulting_them_in_again():
+def test_local_workers_reuse_freed_arrays_instead_of_faulting_them_in_again(monkeypatch):
     """dask's default MALLOC_TRIM_THRESHOLD_ freezes the mmap threshold at 128 KiB, so every 1 MiB
     temporary is a new mapping (256 page faults, 51 200 for 200 of them); the workers open_client
     starts get glibc's own ceilings and reuse the heap."""
     from ensemble.cluster import WORKER_MALLOC, open_client
 
+    for key in WORKER_MALLOC:      # as in a fresh process (a plain LocalCluster leaves dask's value here)
+        monkeypatch.delenv(key, raising=False)
     with open_client(n_workers=1, report=lambda m: None) as client:
         faults, env = next(iter(client.run(_faults_of_a_megabyte_churn).values()))
     assert env == {**WORKER_MALLOC, "OMP_NUM_THREADS": "1"}
     assert faults < 5000, faults
+
+
+def test_a_users_own_malloc_setting_wins(monkeypatch):
+    from ensemble.cluster import open_client
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with open_client(n_workers=1, report=lambda m: None) as client:
+        faults, env = next(iter(client.run(_faults_of_a_megabyte_churn).values()))
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "65536" and env["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2**20)
