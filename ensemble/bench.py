@@ -190,6 +190,21 @@ def _phase_breakdown(n_frames: int = 16) -> dict:
             "syrk_gflops": _blas_syrk_gflops(zs[0].shape[0], c)}
 
 
+def _bench_spec(n_species: int, angular: bool, paper_mode: bool = True):
+    """The feature layouts the Gram benchmarks time: the many-body default (7 weight functions,
+    cutoff 4.9 Å, default angular basis), or the paper's 18 weight functions (paper mode, or cutoff
+    4.9 Å)."""
+    from .angular import default_angular_basis
+    from .features import FeatureSpec
+    from .fit.pipeline import MANYBODY_CUTOFF_ANGSTROM, manybody_weights
+    from .invariants import paper_weights
+
+    if angular:
+        return FeatureSpec(n_species, manybody_weights(), default_angular_basis(), "pair", MANYBODY_CUTOFF_ANGSTROM,
+                           1.0)
+    return FeatureSpec(n_species, paper_weights(), None, "pair", None if paper_mode else MANYBODY_CUTOFF_ANGSTROM, 1.0)
+
+
 def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool = True, repeats: int = 3) -> dict:
     """ms per frame of features, design rows and Z^T Z for one model kind on the embedded data, in
     this process (one thread), and this process's BLAS syrk rate on the same shapes (each phase the
@@ -197,12 +212,10 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
 
     ``angular``: the many-body default (7 weight functions, cutoff 4.9 Å, default angular basis);
     otherwise the paper's 18 weight functions (paper mode, or cutoff 4.9 Å)."""
-    from .angular import default_angular_basis
     from .data import load_default
-    from .features import FeatureSpec, frame_terms
+    from .features import frame_terms
     from .fit.design import agent_feature_rows, conservative_rows_blas
-    from .fit.pipeline import MANYBODY_CUTOFF_ANGSTROM, manybody_weights
-    from .invariants import paper_weights, species_index
+    from .invariants import species_index
 
     ds = load_default().isel(frame=slice(0, n_frames))
     codes, _ = species_index(ds["species"].values)
@@ -211,10 +224,7 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     pos = np.ascontiguousarray(ds["positions"].values[:, order])
     target = (ds["forces"].values if kind == "conservative" else ds["accelerations"].values)[:, order]
     box = np.diag(ds["cell"].values)
-    if angular:
-        spec = FeatureSpec(2, manybody_weights(), default_angular_basis(), "pair", MANYBODY_CUTOFF_ANGSTROM, 1.0)
-    else:
-        spec = FeatureSpec(2, paper_weights(), None, "pair", None if paper_mode else MANYBODY_CUTOFF_ANGSTROM, 1.0)
+    spec = _bench_spec(2, angular, paper_mode)
     n = len(codes)
     s_n = 2
     c = spec.block * (s_n if kind == "conservative" else 1)
@@ -324,18 +334,13 @@ def _conservative_whole(client, ds, splits) -> list[dict]:
     """The conservative kind's whole Gram reduction (dask, features, rows, Z^T Z, the sum over
     chunks) on the client's single worker, pair-only (paper mode) and many-body, against that
     worker's syrk rate on the same columns."""
-    from .angular import default_angular_basis
-    from .features import FeatureSpec
     from .fit.gram import accumulate_gram
-    from .fit.pipeline import MANYBODY_CUTOFF_ANGSTROM, manybody_weights
-    from .invariants import paper_weights
 
     n_species = len(np.unique(ds["species"].values))
     n_rows = 3 * ds.sizes["atom"]
     out = []
-    for label, spec in (("pair (18, paper mode)", FeatureSpec(n_species, paper_weights(), None, "pair", None, 1.0)),
-                        ("pair + angular", FeatureSpec(n_species, manybody_weights(), default_angular_basis(), "pair",
-                                                       MANYBODY_CUTOFF_ANGSTROM, 1.0))):
+    for label, spec in (("pair (18, paper mode)", _bench_spec(n_species, False)),
+                        ("pair + angular", _bench_spec(n_species, True))):
         accumulate_gram(ds.isel(frame=slice(0, 50)), kind="conservative", features=spec, splits=splits)   # warm-up
         t = time.perf_counter()
         accumulate_gram(ds, kind="conservative", features=spec, splits=splits)
