@@ -411,8 +411,8 @@ def _contraction_scratch(start, n_species, nr, l_max, nm):
     most = 1
     for k in range(start.shape[0] - 1):
         most = max(most, start[k + 1] - start[k])
-    return (np.empty((nm, sb)), np.empty((3, l_max + 2)), np.empty(nm), np.empty((3, nm)), np.empty((nm, 4, most)),
-            np.empty((nl, 4, sb, most)), np.empty((most, 4)), np.empty((most, sb * 3 * nl)),
+    return (np.empty((nm, sb)), np.empty((3, l_max + 2)), np.empty(nm), np.empty((3, nm)), np.empty((nm, 4 * most)),
+            np.empty((nl, sb, 4 * most)), np.empty((most, 4)), np.empty((most, sb * 3 * nl)),
             np.empty((most, sb * 3 * nl)))
 
 
@@ -438,10 +438,12 @@ def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, m
     per order l, the g1, g2 such that the derivative of channel (a, b, n, m), order l, w.r.t. d
     through the entry's own term of T[a, n] is R_n' g1 + R_n g2.
 
-    The entries are the inner (vectorised) dimension of the moment contraction: cf (n_mono, 4, E)
-    holds the weighted monomials and their gradients, gg (l_max + 1, 4, S N_r, E) the contractions
-    per degree. Writes uu (E, 4) = (u, r) and g1, g2 (E, S N_r x 3 (l_max + 1)), index
-    (b N_r + m) 3 (l_max + 1) + 3 p + xyz."""
+    The entries are the inner (vectorised) dimension of the moment contraction, packed per centre:
+    cf[alpha, q E + t] holds the weighted monomials (q = 0) and their gradients (q = 1..3) of entry
+    t, gg[p, (b, m), q E + t] the contractions per degree, each row built while it stays in cache
+    (one saxpy of length 4 E per monomial of that degree; monomials are stored by degree). Writes
+    uu (E, 4) = (u, r) and g1, g2 (E, S N_r x 3 (l_max + 1)), index (b N_r + m) 3 (l_max + 1) + 3 p +
+    xyz, row by row of gg."""
     nm = mono.shape[0]
     nl = l_max + 1
     sb = n_species * nr
@@ -459,36 +461,42 @@ def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, m
         _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
         for tt in range(nm):
             w = mono_w[tt]
-            cf[tt, 0, t] = w * um[tt]
-            cf[tt, 1, t] = w * dum[0, tt]
-            cf[tt, 2, t] = w * dum[1, tt]
-            cf[tt, 3, t] = w * dum[2, tt]
-    gg[:, :, :, :ne] = 0.0
-    for tt in range(nm):
-        p = mono_p[tt]
+            cf[tt, t] = w * um[tt]
+            cf[tt, ne + t] = w * dum[0, tt]
+            cf[tt, 2 * ne + t] = w * dum[1, tt]
+            cf[tt, 3 * ne + t] = w * dum[2, tt]
+    w4 = 4 * ne
+    for p in range(nl):
+        t0 = p * (p + 1) * (p + 2) // 6
+        t1 = (p + 1) * (p + 2) * (p + 3) // 6
         for bm in range(sb):
-            v = tkt[tt, bm]
-            for q in range(4):
-                row = gg[p, q, bm]
-                c = cf[tt, q]
-                for t in range(ne):
+            row = gg[p, bm]
+            v = tkt[t0, bm]
+            c = cf[t0]
+            for t in range(w4):
+                row[t] = v * c[t]
+            for tt in range(t0 + 1, t1):
+                v = tkt[tt, bm]
+                c = cf[tt]
+                for t in range(w4):
                     row[t] += v * c[t]
-    for t in range(ne):
-        u0 = uu[t, 0]
-        u1 = uu[t, 1]
-        u2 = uu[t, 2]
-        inv_r = 1.0 / uu[t, 3]
-        for bm in range(sb):
-            for p in range(nl):
-                gp = gg[p, 0, bm, t]
+    for bm in range(sb):
+        for p in range(nl):
+            row = gg[p, bm]
+            j = bm * 3 * nl + 3 * p
+            for t in range(ne):
+                u0 = uu[t, 0]
+                u1 = uu[t, 1]
+                u2 = uu[t, 2]
+                inv_r = 1.0 / uu[t, 3]
+                gp = row[t]
                 pg = p * gp
-                j = bm * 3 * nl + 3 * p
                 g1[t, j] = u0 * gp
                 g1[t, j + 1] = u1 * gp
                 g1[t, j + 2] = u2 * gp
-                g2[t, j] = (gg[p, 1, bm, t] - pg * u0) * inv_r
-                g2[t, j + 1] = (gg[p, 2, bm, t] - pg * u1) * inv_r
-                g2[t, j + 2] = (gg[p, 3, bm, t] - pg * u2) * inv_r
+                g2[t, j] = (row[ne + t] - pg * u0) * inv_r
+                g2[t, j + 1] = (row[2 * ne + t] - pg * u1) * inv_r
+                g2[t, j + 2] = (row[3 * ne + t] - pg * u2) * inv_r
 
 
 @njit(cache=True, fastmath=_FAST)
