@@ -348,9 +348,11 @@ def _add_moments(e, r, geo, l_max, mono, pw, rad, um, tka, dgka):
 
 @njit(cache=True, fastmath=_FAST, inline="always")
 def _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, xk):
-    """One centre's features (Q,) from its moments T (S, N_r, n_mono) and diagonal sums Dg."""
+    """One centre's features (Q,) from its moments T (S, N_r, n_mono) and diagonal sums Dg; ``s_p``
+    scratch of l_max + 1 + n_mono values."""
     nr = tk.shape[1]
     nl = l_max + 1
+    prod = s_p[nl:]
     for a in range(n_species):
         for nn in range(nr):
             xk[a * nr + nn] = tk[a, nn, 0]
@@ -361,11 +363,16 @@ def _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s
         mm = channels[c, 3]
         ta = tk[a, nn]
         tb = tk[b, mm]
-        for p in range(nl):             # monomials are stored by degree: [p (p+1)(p+2)/6, ...)
+        for tt in range(ta.shape[0]):   # all degrees in one vectorised pass, then summed per degree
+            prod[tt] = mono_w[tt] * ta[tt] * tb[tt]
+        t0 = 0
+        for p in range(nl):             # monomials are stored by degree: (p + 1)(p + 2) / 2 of degree p
+            t1 = t0 + (p + 1) * (p + 2) // 2
             v = 0.0
-            for tt in range(p * (p + 1) * (p + 2) // 6, (p + 1) * (p + 2) * (p + 3) // 6):
-                v += mono_w[tt] * ta[tt] * tb[tt]
+            for tt in range(t0, t1):
+                v += prod[tt]
             s_p[p] = v
+            t0 = t1
         diag = dgk[a, nn, mm] if a == b else 0.0
         base = n_species * nr + c * nl
         for l in range(nl):
@@ -392,7 +399,7 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
     rad_all = np.empty((start[n], 2, nr))
     um = np.empty(nm)
     pw = np.empty((3, l_max + 2))
-    s_p = np.empty(nl)
+    s_p = np.empty(nl + nm)
     for k in range(n):
         for e in range(start[k], start[k + 1]):
             a = species[nb[e]]
