@@ -252,12 +252,17 @@ _FAST = {"reassoc", "contract"}       # let LLVM vectorise the dot products over
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _radial(mu, sigma, r, fc, dfc, rad, drad):
+def _radial(mu, sigma, r, fc, dfc, rad, j):
+    """rad[j, 0, n] = R_n(r) and rad[j, 1, n] = dR_n/dr (Gaussians times the switch fc, dfc).
+
+    The per-entry helpers here index the caller's arrays rather than take a row view per entry, and
+    the per-entry monomials are written out in the callers: measured on a 128 H2O frame, views and
+    a nested inlined helper per entry cost 10-15 % of angular_features and angular_linear_forces."""
     for n in range(mu.shape[0]):
         x = (r - mu[n]) / sigma[n]
         g = np.exp(-0.5 * x * x)
-        rad[n] = g * fc
-        drad[n] = g * (dfc - x / sigma[n] * fc)
+        rad[j, 0, n] = g * fc
+        rad[j, 1, n] = g * (dfc - x / sigma[n] * fc)
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
@@ -293,14 +298,6 @@ def _monomials(u0, u1, u2, l_max, mono, pw, um, dum):
         dum[2, t] = c * xa * xb * pw[2, c]
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
-def _monomial_values(u0, u1, u2, l_max, mono, pw, um):
-    """u^alpha (n_mono,) only (``pw`` as in :func:`_monomials`)."""
-    _powers(u0, u1, u2, l_max, pw)
-    for t in range(mono.shape[0]):
-        um[t] = pw[0, mono[t, 0] + 1] * pw[1, mono[t, 1] + 1] * pw[2, mono[t, 2] + 1]
-
-
 @njit(cache=True)
 def shift_tables(mono, l_max):
     """For the monomials beta of degree < l_max (the first ones, monomials being stored by degree):
@@ -323,27 +320,17 @@ def shift_tables(mono, l_max):
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _entry_moments(e, r, geo, mu, sigma, l_max, mono, pw, rad, drad, um, tka, dgka):
-    """Radial values and monomials of entry e (into rad, drad, um) added to the centre's moments of
-    the neighbour's species: T[n, alpha] += R_n u^alpha, Dg[n, m] += R_n R_m."""
-    _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad, drad)
-    _add_moments(e, r, geo, l_max, mono, pw, rad, um, tka, dgka)
-
-
-@njit(cache=True, fastmath=_FAST, inline="always")
-def _add_moments(e, r, geo, l_max, mono, pw, rad, um, tka, dgka):
-    """The monomials of entry e (into um) times its radial values added to T and Dg."""
-    nr = rad.shape[0]
-    nm = mono.shape[0]
-    _monomial_values(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, pw, um)
+def _add_moments(rad, j, um, ju, tk, dgk, a):
+    """An entry's radial values rad[j, 0] and monomials um[ju] added to the centre's moments of the
+    neighbour's species a: T[a, n, alpha] += R_n u^alpha, Dg[a, n, m] += R_n R_m."""
+    nr = rad.shape[2]
+    nm = um.shape[1]
     for nn in range(nr):
-        rn = rad[nn]
-        row = tka[nn]
+        rn = rad[j, 0, nn]
         for tt in range(nm):
-            row[tt] += rn * um[tt]
-        drow = dgka[nn]
+            tk[a, nn, tt] += rn * um[ju, tt]
         for mm in range(nr):
-            drow[mm] += rn * rad[mm]
+            dgk[a, nn, mm] += rn * rad[j, 0, mm]
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
@@ -397,14 +384,19 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
     t_all = np.zeros((n, n_species, nr, nm))
     dg_all = np.zeros((n, n_species, nr, nr))
     rad_all = np.empty((start[n], 2, nr))
-    um = np.empty(nm)
+    um = np.empty((1, nm))
     pw = np.empty((3, l_max + 2))
     s_p = np.empty(nl + nm)
     for k in range(n):
+        tk = t_all[k]
+        dgk = dg_all[k]
         for e in range(start[k], start[k + 1]):
-            a = species[nb[e]]
-            _entry_moments(e, geo[e, 3], geo, mu, sigma, l_max, mono, pw, rad_all[e, 0], rad_all[e, 1], um,
-                           t_all[k, a], dg_all[k, a])
+            r = geo[e, 3]
+            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad_all, e)
+            _powers(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, pw)
+            for tt in range(nm):
+                um[0, tt] = pw[0, mono[tt, 0] + 1] * pw[1, mono[tt, 1] + 1] * pw[2, mono[tt, 2] + 1]
+            _add_moments(rad_all, e, um, 0, tk, dgk, species[nb[e]])
         _centre_features(t_all[k], dg_all[k], n_species, l_max, mono_p, mono_w, leg, channels, s_p, x[k])
     return x, t_all, dg_all, rad_all
 
@@ -896,36 +888,38 @@ def _centre_adjoint(tk, dhk, n_species, l_max, mono_p, mono_w, leg, channels, ga
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _entry_gradient(r, u0, u1, u2, rad, drad, um, gs, ws, mono_p, up, cf, wr, wd):
+def _entry_gradient(r, u0, u1, u2, rad, j, um, ju, gadj, wdiag, si, mono_p, up, cf, wr, wd):
     """v = dE_k / dd of one entry (d = q_k - q_nb) from the centre's adjoint restricted to the
-    neighbour's species (gs = gadj[s_nb], ws = wdiag[s_nb]) and the entry's radial values and monomials."""
-    nr = rad.shape[0]
-    nm = um.shape[0]
+    neighbour's species si (gadj[si], wdiag[si]) and the entry's radial values rad[j] and monomials
+    um[ju]."""
+    nr = rad.shape[2]
+    nm = um.shape[1]
     # combine the adjoint over radial functions first: W = sum_n R_n G[n], W' = sum_n R'_n G[n]
     for tt in range(nm):
         wr[tt] = 0.0
         wd[tt] = 0.0
     dw = 0.0
     for nn in range(nr):
-        rn = rad[nn]
-        dn = drad[nn]
-        gr = gs[nn]
+        rn = rad[j, 0, nn]
+        dn = rad[j, 1, nn]
         for tt in range(nm):
-            wr[tt] += rn * gr[tt]
-            wd[tt] += dn * gr[tt]
+            g = gadj[si, nn, tt]
+            wr[tt] += rn * g
+            wd[tt] += dn * g
         for mm in range(nr):
             # Dg[a, n, m] = sum R_n R_m is stored for n <= m channels only
-            dw += ws[nn, mm] * (dn * rad[mm] + rn * drad[mm])
+            dw += wdiag[si, nn, mm] * (dn * rad[j, 0, mm] + rn * rad[j, 1, mm])
     sg = 0.0
     spg = 0.0
     d0 = 0.0
     d1 = 0.0
     d2 = 0.0
     for tt in range(nm):
-        sg += wd[tt] * um[tt]
-        spg += wr[tt] * mono_p[tt] * um[tt]
+        ut = um[ju, tt]
+        sg += wd[tt] * ut
+        spg += wr[tt] * mono_p[tt] * ut
     for tt in range(up.shape[1]):       # the gradient of sum_alpha W_alpha u^alpha in u
-        ut = um[tt]
+        ut = um[ju, tt]
         d0 += cf[0, tt] * wr[up[0, tt]] * ut
         d1 += cf[1, tt] * wr[up[1, tt]] * ut
         d2 += cf[2, tt] * wr[up[2, tt]] * ut
@@ -961,7 +955,7 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
     gadj = np.empty((n_species, nr, nm))     # dE_k / dT[a, n, alpha]
     wdiag = np.empty((n_species, nr, nr))    # dE_k / dDg[a, n, m]
     wp = np.empty(l_max + 1)
-    um = np.empty(nm)
+    um = np.empty((1, nm))
     up, cf = shift_tables(mono, l_max)
     pw = np.empty((3, l_max + 2))
     wr = np.empty(nm)
@@ -976,9 +970,10 @@ def angular_vjp(start, nb, geo, species, t_all, rad_all, dh, conservative, n_spe
             u0 = geo[e, 0] / r
             u1 = geo[e, 1] / r
             u2 = geo[e, 2] / r
-            _monomial_values(u0, u1, u2, l_max, mono, pw, um)
-            v0, v1, v2 = _entry_gradient(r, u0, u1, u2, rad_all[e, 0], rad_all[e, 1], um, gadj[si], wdiag[si],
-                                         mono_p, up, cf, wr, wd)
+            _powers(u0, u1, u2, l_max, pw)
+            for tt in range(nm):
+                um[0, tt] = pw[0, mono[tt, 0] + 1] * pw[1, mono[tt, 1] + 1] * pw[2, mono[tt, 2] + 1]
+            v0, v1, v2 = _entry_gradient(r, u0, u1, u2, rad_all, e, um, 0, gadj, wdiag, si, mono_p, up, cf, wr, wd)
             _add_entry_force(f_out, k, nb[e], v0, v1, v2, conservative)
     return f_out
 
@@ -1059,9 +1054,12 @@ def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, 
         dgk[:] = 0.0
         for e in range(start[k], start[k + 1]):
             j = e - start[k]
-            a = species[nb[e]]
-            _entry_moments(e, geo[e, 3], geo, mu, sigma, l_max, mono, pw, e_rad[j, 0], e_rad[j, 1], e_um[j], tk[a],
-                           dgk[a])
+            r = geo[e, 3]
+            _radial(mu, sigma, r, geo[e, 4], geo[e, 5], e_rad, j)
+            _powers(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, pw)
+            for tt in range(nm):
+                e_um[j, tt] = pw[0, mono[tt, 0] + 1] * pw[1, mono[tt, 1] + 1] * pw[2, mono[tt, 2] + 1]
+            _add_moments(e_rad, j, e_um, j, tk, dgk, species[nb[e]])
         sk = species[k]
         dhk = dh[sk]
         wk = w_all[sk]
@@ -1092,8 +1090,8 @@ def angular_linear_forces(start, nb, geo, species, dh, conservative, n_species, 
             j = e - start[k]
             si = species[nb[e]]
             r = geo[e, 3]
-            v0, v1, v2 = _entry_gradient(r, geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, e_rad[j, 0], e_rad[j, 1],
-                                         e_um[j], gadj[si], wdiag[si], mono_p, up, cf, wr, wd)
+            v0, v1, v2 = _entry_gradient(r, geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, e_rad, j, e_um, j, gadj, wdiag,
+                                         si, mono_p, up, cf, wr, wd)
             _add_entry_force(f_out, k, nb[e], v0, v1, v2, conservative)
     return f_out, energy
 
