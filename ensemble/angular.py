@@ -618,6 +618,7 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
     dum = np.empty((3, nm))
     pw = np.empty((3, l_max + 2))
     tw = np.empty((sr, nm))
+    prod = np.empty(nm)
     for k in range(n):
         gm[:, :, :] = 0.0
         dd[:, :, :] = 0.0
@@ -659,12 +660,16 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
             for c in range(3):
                 g = gm[an, c]
                 for bm in range(sr):
-                    tb = tw[bm]
+                    for t in range(nm):         # all degrees in one vectorised pass, then summed per degree
+                        prod[t] = g[t] * tw[bm, t]
+                    t0 = 0
                     for p in range(nl):
+                        t1 = t0 + (p + 1) * (p + 2) // 2
                         v = 0.0
-                        for t in range(p * (p + 1) * (p + 2) // 6, (p + 1) * (p + 2) * (p + 3) // 6):
-                            v += g[t] * tb[t]
+                        for t in range(t0, t1):
+                            v += prod[t]
                         mp[an, c, bm, p] = v
+                        t0 = t1
         for an in range(sr):
             for c in range(3):
                 out[k, an, c] = gm[an, c, 0]            # rho: the alpha = 0 moment
