@@ -520,10 +520,9 @@ def accumulate_gram(ds: xr.Dataset, weights: WeightSet | None = None, *, kind: s
     parts = da.map_blocks(fn, pos, acc, box_d[:, None, :], split_d[:, None, None], **kw,
                           dtype=float, chunks=((1,) * len(fchunks), (n_species,), (3,), (c + 1,), (c + 1,)),
                           new_axis=[3, 4], drop_axis=[], meta=np.empty((0, 0, 0, 0, 0)))
-    if progress is None:
-        zz = parts.sum(axis=0, split_every=4).compute()
-    else:
-        zz = _sum_with_progress(parts, list(fchunks), progress)
+    # the chunks' matrices summed pairwise as they finish (not dask's reduction, whose aggregate step
+    # concatenates its inputs first: 4 x 95 MB copied for the conservative pair kind, 1 s per 200 frames)
+    zz = _sum_with_progress(parts, list(fchunks), progress or (lambda n: None))
     rows = np.array([[3 * np.sum(codes == s) * np.sum(split == sp) for sp in range(3)] for s in range(n_species)])
     return GramSet(zz=zz, rows=rows, species=tuple(order), spec=features, kind=kind,
                    frames=int(np.sum(split >= 0)))
