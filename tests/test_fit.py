@@ -124,6 +124,23 @@ def test_dask_gram_equals_in_memory_xtx(small):
     assert gram.rows[:, 2].tolist() == [0, 0]                  # no test frames with these fractions
 
 
+def test_gram_on_distributed_workers_equals_the_local_scheduler(small):
+    """Without a progress callback too, the chunks' matrices are summed pairwise on the workers (a
+    fixed tree, not dask's concatenating reduction): the same Gram set as the local scheduler's sum
+    in chunk order, to rounding, and exactly the same rows."""
+    from distributed import Client, LocalCluster
+
+    chunked = small.chunk({"frame": 7})                 # 6 chunks: an uneven tree
+    local = accumulate_gram(chunked, WS, splits=Splits(0.25, 0.5, 0.25, 0.0))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cl, \
+            Client(cl):
+        dist = accumulate_gram(chunked, WS, splits=Splits(0.25, 0.5, 0.25, 0.0))
+    assert dist.rows.tolist() == local.rows.tolist() and dist.zz.shape == local.zz.shape
+    scale = np.abs(local.zz).max()
+    assert scale > 0 and np.abs(local.zz[:, 0]).max() > 0
+    assert_allclose(dist.zz, local.zz, rtol=1e-12, atol=1e-13 * scale)
+
+
 def test_selection_from_submatrices_equals_refitting_from_scratch(small):
     gram = accumulate_gram(small.chunk({"frame": 10}), WS, splits=Splits(0.0, 0.7, 0.3, 0.0))
     curve = backward_elimination(gram, s=1, ridge=1e-9)
