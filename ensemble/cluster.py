@@ -35,8 +35,9 @@ _SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_
 #: 1.1 million faults and ~25 % more time for 8 frames of the conservative fit. These two values
 #: are the ceilings glibc's dynamic thresholds reach by themselves in a plain Python process: arrays
 #: up to 32 MiB reuse the heap, and at most 64 MiB of free heap top is kept (per worker): 35-100 MB
-#: more peak RSS per worker for 8-20 % more frames/s (README, ``ensemble bench gram``). Either variable set in the environment of
-#: ``ensemble`` (local workers) or in a job-script prologue line (batch workers) takes precedence.
+#: more peak RSS per worker for 8-20 % more frames/s (README, ``ensemble bench gram``). Either
+#: variable set in the environment of ``ensemble`` (local workers) or in a job-script prologue line
+#: (batch workers) takes precedence.
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
 
 #: every kind of cluster, and the batch systems among them (dask-jobqueue's cluster classes)

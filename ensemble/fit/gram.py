@@ -522,7 +522,7 @@ def accumulate_gram(ds: xr.Dataset, weights: WeightSet | None = None, *, kind: s
                           new_axis=[3, 4], drop_axis=[], meta=np.empty((0, 0, 0, 0, 0)))
     # the chunks' matrices summed pairwise as they finish (not dask's reduction, whose aggregate step
     # concatenates its inputs first: 4 x 95 MB copied for the conservative pair kind, 1 s per 200 frames)
-    zz = _sum_with_progress(parts, list(fchunks), progress or (lambda n: None))
+    zz = _sum_chunks(parts, list(fchunks), progress)
     rows = np.array([[3 * np.sum(codes == s) * np.sum(split == sp) for sp in range(3)] for s in range(n_species)])
     return GramSet(zz=zz, rows=rows, species=tuple(order), spec=features, kind=kind,
                    frames=int(np.sum(split >= 0)))
@@ -532,11 +532,11 @@ def _add_parts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a + b
 
 
-def _sum_with_progress(parts: da.Array, frames: list[int], progress) -> np.ndarray:
-    """``parts.sum(axis=0)`` (one (1, ...) block per frame chunk) with ``progress(frames)`` after each
-    chunk. On a dask.distributed client the chunks are summed on the workers in a fixed binary tree
-    (deterministic: the same bits on any cluster; only the total comes back, finished chunks are
-    released); on the local scheduler, in order, in groups of one chunk per core."""
+def _sum_chunks(parts: da.Array, frames: list[int], progress=None) -> np.ndarray:
+    """``parts.sum(axis=0)`` (one (1, ...) block per frame chunk), with ``progress(frames)`` after
+    each chunk if given. On a dask.distributed client the chunks are summed on the workers in a fixed
+    binary tree (deterministic: the same bits on any cluster; only the total comes back, finished
+    chunks are released); on the local scheduler, in order, in groups of one chunk per core."""
     import os
 
     leaves = list(parts.to_delayed().ravel())
@@ -554,7 +554,8 @@ def _sum_with_progress(parts: da.Array, frames: list[int], progress) -> np.ndarr
         for g in range(0, len(leaves), step):
             for v in dask.compute(*leaves[g:g + step]):
                 total = v if total is None else total + v
-            progress(int(sum(frames[g:g + step])))
+            if progress is not None:
+                progress(int(sum(frames[g:g + step])))
         return total[0]
     futures = client.compute(leaves)
     chunk_frames = {f.key: n for f, n in zip(futures, frames)}
@@ -575,7 +576,7 @@ def _sum_with_progress(parts: da.Array, frames: list[int], progress) -> np.ndarr
             if fut.status == "error":
                 fut.result()                # raises the task's exception (e.g. a StoreError)
             n = chunk_frames.pop(fut.key, None)
-            if n is not None:
+            if n is not None and progress is not None:
                 progress(int(n))
             del fut
         return root.result()[0]
