@@ -747,8 +747,8 @@ def _map_factored(xf, dd, rho, si, n_species, nr, nl, channels, sign, out):
 
 
 @njit(cache=True, fastmath=_FAST)
-def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, block, rows, out, n_species, mu, sigma,
-                           cutoff, width, l_max, mono, mono_p, mono_w, leg, channels):
+def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, block, rows, legendre, out, n_species, mu,
+                           sigma, cutoff, width, l_max, mono, mono_p, mono_w, leg, channels):
     """Write the angular linear columns of the conservative design into ``out`` (atom i's rows are
     rows[i] .. rows[i] + 2; >= S * block columns): entry e of centre k (species s) adds -J[e] to k's
     rows and +J[e] to its neighbour's, in block s after the ``n_pair`` pair features.
@@ -758,7 +758,8 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
     centre species: X[n, (b, m), p, xyz] += R_n' g1 + R_n g2 (N_r x S N_r x 3 (l_max + 1) values
     per entry, contiguous, per monomial degree p), the i = j terms and rho beside them; the sums are
     turned into Legendre orders and channel values once per atom (:func:`_legendre_rows`,
-    :func:`_map_factored`). Entries with the same moving atom as neighbour
+    :func:`_map_factored`); ``legendre=False`` leaves them per monomial degree (psi_p columns,
+    see :meth:`AngularFrame.add_design_columns`). Entries with the same moving atom as neighbour
     all have its species, the centre's own sums are kept per neighbour species."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
@@ -815,8 +816,11 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
                     own_d[si, nn, mm, 1] += w * u1
                     own_d[si, nn, mm, 2] += w * u2
         for a in range(n_species):
-            _legendre_rows(own_x[a], leg, nl, xl)
-            _map_factored(xl, own_d[a], own_r[a], a, n_species, nr, nl, channels, -1.0, own_f[k])
+            if legendre:
+                _legendre_rows(own_x[a], leg, nl, xl)
+                _map_factored(xl, own_d[a], own_r[a], a, n_species, nr, nl, channels, -1.0, own_f[k])
+            else:
+                _map_factored(own_x[a], own_d[a], own_r[a], a, n_species, nr, nl, channels, -1.0, own_f[k])
     col = np.zeros((3, q))
     for i in range(n):
         si = species[i]
@@ -825,8 +829,11 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
                 col[:, :] = own_f[i]
             else:
                 col[:, :] = 0.0
-            _legendre_rows(acc_x[s, i], leg, nl, xl)
-            _map_factored(xl, acc_d[s, i], acc_r[s, i], si, n_species, nr, nl, channels, 1.0, col)
+            if legendre:
+                _legendre_rows(acc_x[s, i], leg, nl, xl)
+                _map_factored(xl, acc_d[s, i], acc_r[s, i], si, n_species, nr, nl, channels, 1.0, col)
+            else:
+                _map_factored(acc_x[s, i], acc_d[s, i], acc_r[s, i], si, n_species, nr, nl, channels, 1.0, col)
             c0 = s * block + n_pair
             for c in range(3):
                 r = rows[i] + c
@@ -1135,17 +1142,21 @@ class AngularFrame:
         """d x[k] / d q_k (N, Q, 3) with all other atoms fixed (the agent kind's gradient)."""
         return angular_self_gradient(self.start, self.nb, self.geo, self.codes, self.t, self.rad, *self.arr.args())
 
-    def add_design_columns(self, n_pair: int, block: int, out: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    def add_design_columns(self, n_pair: int, block: int, out: np.ndarray, rows: np.ndarray | None = None,
+                           legendre: bool = True) -> np.ndarray:
         """Write the angular linear columns of the conservative design into ``out``
-        (:func:`angular_design_scatter`; atom i's rows start at rows[i], default 3 i)."""
+        (:func:`angular_design_scatter`; atom i's rows start at rows[i], default 3 i). With
+        ``legendre=False`` the psi columns are those of the monomial degrees p instead of the
+        Legendre orders l: psi_p = sum_{i != j} R_n R_m (u_i . u_j)^p, of which psi_l = sum_p
+        leg[l, p] psi_p (a fixed change of columns, :func:`ensemble.fit.design.legendre_gram`)."""
         n, q = self.x.shape
         rows = 3 * np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
         if (n_pair + q > block or out.ndim != 2 or out.shape[1] < self.arr.n_species * block or rows.shape != (n,)
                 or (n and (rows.min() < 0 or rows.max() + 3 > out.shape[0]))):
             raise ValueError(f"design rows of shape {out.shape} cannot hold {self.arr.n_species} blocks of {block} "
                              f"columns with {q} angular features after {n_pair} pair features for {n} atoms")
-        angular_design_scatter(self.start, self.nb, self.geo, self.codes, self.t, self.rad, n_pair, block, rows, out,
-                               *self.arr.args())
+        angular_design_scatter(self.start, self.nb, self.geo, self.codes, self.t, self.rad, n_pair, block, rows,
+                               legendre, out, *self.arr.args())
         return out
 
 

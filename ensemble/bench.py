@@ -214,7 +214,7 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     otherwise the paper's 18 weight functions (paper mode, or cutoff 4.9 Å)."""
     from .data import load_default
     from .features import frame_terms
-    from .fit.design import agent_feature_rows, conservative_rows_blas
+    from .fit.design import agent_feature_rows, conservative_rows_blas, degree_rows
     from .invariants import species_index
 
     ds = load_default().isel(frame=slice(0, n_frames))
@@ -244,7 +244,7 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     def rows(t, terms, grad):
         if kind == "conservative":
             rows = off[codes] + t * 3 * np.array([a.size for a in atoms])[codes] + 3 * within
-            conservative_rows_blas(terms, codes, spec, zall, rows)
+            conservative_rows_blas(terms, codes, spec, zall, rows, legendre=not degree_rows(spec))   # as the reduction
             zall[(rows[:, None] + np.arange(3)).ravel(), c] = target[t].ravel()
         else:
             for s in range(s_n):

@@ -334,6 +334,43 @@ def test_blas_conservative_rows_equal_the_scatter_kernel(water, cutoff, angular,
     assert np.isnan(buf[:, 2 * spec.block:]).all() and np.isnan(np.delete(buf, at, axis=0)).all()
 
 
+def test_degree_rows_turn_into_the_legendre_gram(water):
+    """The reduction writes the conservative angular columns per monomial degree p and turns their
+    Gram matrix into Legendre orders once: against the Legendre rows themselves, column by column
+    (P_0 = 1, P_1 = x, P_2 = (3 x^2 - 1) / 2, P_3 = (5 x^3 - 3 x) / 2) and as Gram matrices."""
+    from ensemble.fit.design import conservative_rows_blas, degree_rows, legendre_gram
+
+    ds = water.isel(atom=slice(0, 120))
+    codes, _ = species_index(ds["species"].values, ["H", "O"])
+    spec = FeatureSpec(2, WS, ANG, "pair", 4.9, 1.0)
+    terms = frame_terms(ds["positions"].values[0], np.diag(ds["cell"].values), codes, spec)
+    assert degree_rows(spec)
+    lg = conservative_rows_blas(terms, codes, spec, np.zeros((360, 2 * spec.block + 1)))
+    dg = conservative_rows_blas(terms, codes, spec, np.zeros((360, 2 * spec.block + 1)), legendre=False)
+    scale = np.abs(lg).max()
+    psi0 = spec.p + 2 * ANG.n_radial                 # first psi column of block 0; 4 orders per channel
+    n_ch = len(ANG.channels(2))
+    psi = np.concatenate([s * spec.block + psi0 + np.arange(4 * n_ch) for s in range(2)])
+    other = np.setdiff1d(np.arange(2 * spec.block + 1), psi)
+    assert_allclose(dg[:, other], lg[:, other], rtol=0, atol=1e-13 * scale)
+    p0, p1, p2, p3 = (dg[:, psi[o::4]] for o in range(4))
+    l0, l1, l2, l3 = (lg[:, psi[o::4]] for o in range(4))
+    assert_allclose(l0, p0, rtol=0, atol=1e-12 * scale)
+    assert_allclose(l1, p1, rtol=0, atol=1e-12 * scale)
+    assert_allclose(l2, 1.5 * p2 - 0.5 * p0, rtol=0, atol=1e-12 * scale)
+    assert_allclose(l3, 2.5 * p3 - 1.5 * p1, rtol=0, atol=1e-12 * scale)
+    assert np.abs(p2 - l2).max() > 0.1 * np.abs(l2).max()        # the two bases differ
+    dg[:, -1] = lg[:, -1] = np.arange(360.0)                      # a target column, left as it is
+    want = lg.T @ lg
+    assert_allclose(legendre_gram(dg.T @ dg, spec), want, rtol=0, atol=1e-11 * np.abs(want).max())
+    # quadratic columns of angular features need their values in Legendre orders: no degree rows
+    spec_q = FeatureSpec(2, WS, ANG, "pair+radial", 4.9, 1.0)
+    assert not degree_rows(spec_q)
+    with pytest.raises(ValueError, match="per monomial degree"):
+        conservative_rows_blas(frame_terms(ds["positions"].values[0], np.diag(ds["cell"].values), codes, spec_q),
+                               codes, spec_q, np.zeros((360, 2 * spec_q.block + 1)), legendre=False)
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_pair_terms_once_per_pair_equal_a_direct_sum(water, shuffle):
     """pair_csr_terms evaluates a pair's weights once for both of its entries (the mirror found by a

@@ -17,7 +17,8 @@ from numba import njit
 
 from ..features import FeatureSpec, FrameTerms
 
-__all__ = ["agent_feature_rows", "conservative_feature_rows", "conservative_rows"]
+__all__ = ["agent_feature_rows", "conservative_feature_rows", "conservative_rows", "conservative_rows_blas",
+           "degree_rows", "legendre_gram"]
 
 
 @njit(cache=True)
@@ -270,14 +271,46 @@ def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_fe
         _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj, ql, half, avec, y, rows, out)
 
 
+def degree_rows(spec: FeatureSpec) -> bool:
+    """Whether :func:`conservative_rows_blas` can write the angular psi columns per monomial degree
+    (``legendre=False``): the spec has angular features and no quadratic column involves them."""
+    qj, ql = spec.quadratic_pairs()
+    return spec.angular is not None and not (qj.size and max(qj.max(), ql.max()) >= spec.p)
+
+
+def legendre_gram(g: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Gram matrices (..., C + 1, C + 1) of conservative rows written per monomial degree
+    (:func:`degree_rows`) turned into those of the Legendre orders, a new array.
+
+    psi_l = sum_p leg[l, p] psi_p, so Z_l = Z_p B with B the identity but for the block leg^T on the
+    (l_max + 1) columns of each channel in each species block, and Z_l^T Z_l = B^T (Z_p^T Z_p) B:
+    O(C^2 (l_max + 1)) once per Gram matrix instead of the Legendre sums in every frame's rows."""
+    ang = spec.angular
+    nl = ang.l_max + 1
+    leg = ang.arrays(spec.n_species).leg
+    first = spec.p + spec.n_species * ang.n_radial           # the first psi column of block 0
+    n_ch = len(ang.channels(spec.n_species))
+    base = (np.arange(spec.n_species)[:, None] * spec.block + first + nl * np.arange(n_ch)).ravel()
+    idx = base[:, None] + np.arange(nl)                      # (species blocks x channels, nl)
+    if g.shape[-1] != g.shape[-2] or g.shape[-1] < spec.n_species * spec.block:
+        raise ValueError(f"Gram matrices of shape {g.shape}: expected (..., C + 1, C + 1) with C >= "
+                         f"{spec.n_species * spec.block}")
+    out = np.array(g, dtype=float, copy=True)
+    out[..., :, idx] = out[..., :, idx] @ leg.T
+    out[..., idx, :] = leg @ out[..., idx, :]
+    return out
+
+
 def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSpec, out: np.ndarray,
-                           rows: np.ndarray | None = None) -> np.ndarray:
+                           rows: np.ndarray | None = None, legendre: bool = True) -> np.ndarray:
     """The conservative design of one frame, like :func:`conservative_feature_rows`: the pair block
     (linear and quadratic) from :func:`conservative_pair_rows`, the angular linear columns from
     the entry Jacobians. Atom i's rows of ``out`` are rows[i] .. rows[i] + 2 (default 3 i), so a
     caller can lay out several frames and species as it likes; the S * block design columns of
     those rows are written (nothing else is touched, and ``out`` need not be zeroed). Falls back to
-    the scatter kernel when quadratic columns involve angular features."""
+    the scatter kernel when quadratic columns involve angular features. ``legendre=False`` (only
+    where :func:`degree_rows`) writes the psi columns per monomial degree, for
+    :func:`legendre_gram` to turn into Legendre orders once the rows' Gram matrix is summed."""
     p = spec.p
     n = terms.x.shape[0]
     width = spec.n_species * spec.block
@@ -287,6 +320,9 @@ def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSp
         raise ValueError(f"design rows of shape {out.shape} with atom rows from {rows.min() if n else 0} to "
                          f"{rows.max() + 2 if n else 0}: expected (>= 3 rows per atom, >= {width} columns)")
     qj, ql = spec.quadratic_pairs()
+    if not legendre and not degree_rows(spec):
+        raise ValueError("conservative rows per monomial degree (legendre=False) need angular features that no "
+                         f"quadratic column involves; got quadratic={spec.quadratic!r}, angular={spec.angular}")
     if qj.size and max(qj.max(), ql.max()) >= p:
         at = (rows[:, None] + np.arange(3)).ravel()
         out[at, :width] = conservative_feature_rows(terms, codes, spec)
@@ -294,5 +330,5 @@ def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSp
     conservative_pair_rows(codes, terms.x, terms.start, terms.nb, terms.geo, terms.g, spec.n_species, spec.block,
                            spec.n_features, qj, ql, rows, out)
     if terms.ang is not None:
-        terms.ang.add_design_columns(p, spec.block, out, rows)
+        terms.ang.add_design_columns(p, spec.block, out, rows, legendre)
     return out

@@ -35,7 +35,7 @@ from numba import njit
 from ..features import FeatureSpec, frame_terms
 from ..invariants import (WeightSet, _weight, check_cutoff, invariants_frames, neighbour_pairs, orthorhombic_box,
                           pair_geometry, species_index)
-from .design import agent_feature_rows, conservative_rows_blas
+from .design import agent_feature_rows, conservative_rows_blas, degree_rows, legendre_gram
 from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Splits", "GramSet", "SpeciesFit", "JointFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
@@ -318,6 +318,8 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     zbuf = np.zeros((min(batch, f) * 3 * n, c + 1))
     prod = np.zeros((c + 1, c + 1))
     within = np.arange(n) - first[codes]                 # index of each atom among its species
+    # angular columns per monomial degree, turned into Legendre orders once per chunk (legendre_gram)
+    degrees = kind == "conservative" and degree_rows(spec)
     for a0 in range(0, f, batch):
         frames = [t for t in range(a0, min(a0 + batch, f)) if split[t] >= 0]
         for sp in range(3):
@@ -335,7 +337,7 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                     y -= fp if kind == "conservative" else fp * scales[codes][:, None]
                 if kind == "conservative":
                     rows = off[codes] + q * 3 * counts[codes] + 3 * within
-                    conservative_rows_blas(terms, codes, spec, zbuf, rows)
+                    conservative_rows_blas(terms, codes, spec, zbuf, rows, legendre=not degrees)
                     zbuf[(rows[:, None] + np.arange(3)).ravel(), c] = y.ravel()
                 else:
                     grad = terms.self_gradient(codes, s_n)
@@ -346,7 +348,7 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                                            np.ascontiguousarray(y[at]), scales[s], zs[s][q * nr:(q + 1) * nr])
             for s in range(s_n):
                 out[0, s, sp] += np.matmul(zs[s].T, zs[s], out=prod)
-    return out
+    return legendre_gram(out, spec) if degrees else out
 
 
 @dataclass(frozen=True)
