@@ -371,6 +371,27 @@ def test_degree_rows_turn_into_the_legendre_gram(water):
                                codes, spec_q, np.zeros((360, 2 * spec_q.block + 1)), legendre=False)
 
 
+def test_reduction_with_degree_rows_equals_the_legendre_rows(monkeypatch):
+    """accumulate_gram of the many-body conservative kind (rows per monomial degree, turned into
+    Legendre orders per chunk) equals the same reduction forced onto Legendre rows, with chunks
+    that mix the training, validation and test splits."""
+    import dask
+
+    import ensemble.fit.gram as gram_mod
+    from ensemble.fit import Splits, accumulate_gram
+
+    ds = load_default().isel(frame=slice(0, 8)).compute().chunk({"frame": 5})
+    spec = FeatureSpec(2, WS, ANG, "pair", 4.9, 1.0)
+    splits = Splits(0.0, 0.5, 0.25, 0.25)
+    with dask.config.set(scheduler="synchronous"):
+        deg = accumulate_gram(ds, kind="conservative", features=spec, splits=splits)
+        monkeypatch.setattr(gram_mod, "degree_rows", lambda spec: False)
+        leg = accumulate_gram(ds, kind="conservative", features=spec, splits=splits)
+    assert (deg.rows > 0).all() and np.array_equal(deg.rows, leg.rows)
+    scale = np.abs(leg.zz).max()
+    assert_allclose(deg.zz, leg.zz, rtol=0, atol=1e-11 * scale)
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_pair_terms_once_per_pair_equal_a_direct_sum(water, shuffle):
     """pair_csr_terms evaluates a pair's weights once for both of its entries (the mirror found by a

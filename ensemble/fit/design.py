@@ -288,16 +288,19 @@ def legendre_gram(g: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     ang = spec.angular
     nl = ang.l_max + 1
     leg = ang.arrays(spec.n_species).leg
-    first = spec.p + spec.n_species * ang.n_radial           # the first psi column of block 0
-    n_ch = len(ang.channels(spec.n_species))
-    base = (np.arange(spec.n_species)[:, None] * spec.block + first + nl * np.arange(n_ch)).ravel()
-    idx = base[:, None] + np.arange(nl)                      # (species blocks x channels, nl)
+    first = spec.p + spec.n_species * ang.n_radial           # the first psi column of a species block
+    width = len(ang.channels(spec.n_species)) * nl           # its psi columns, channel-major, nl orders each
     if g.shape[-1] != g.shape[-2] or g.shape[-1] < spec.n_species * spec.block:
         raise ValueError(f"Gram matrices of shape {g.shape}: expected (..., C + 1, C + 1) with C >= "
                          f"{spec.n_species * spec.block}")
     out = np.array(g, dtype=float, copy=True)
-    out[..., :, idx] = out[..., :, idx] @ leg.T
-    out[..., idx, :] = leg @ out[..., idx, :]
+    lead, c1 = out.shape[:-2], out.shape[-1]
+    for s in range(spec.n_species):                          # contiguous runs of columns: slices, no gathers
+        at = slice(s * spec.block + first, s * spec.block + first + width)
+        cols = out[..., :, at].reshape(lead + (c1, width // nl, nl))
+        out[..., :, at] = (cols @ leg.T).reshape(lead + (c1, width))
+        rows = out[..., at, :].reshape(lead + (width // nl, nl, c1))
+        out[..., at, :] = (leg @ rows).reshape(lead + (width, c1))
     return out
 
 

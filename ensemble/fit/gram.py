@@ -320,6 +320,7 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     within = np.arange(n) - first[codes]                 # index of each atom among its species
     # angular columns per monomial degree, turned into Legendre orders once per chunk (legendre_gram)
     degrees = kind == "conservative" and degree_rows(spec)
+    filled = set()
     for a0 in range(0, f, batch):
         frames = [t for t in range(a0, min(a0 + batch, f)) if split[t] >= 0]
         for sp in range(3):
@@ -346,9 +347,12 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                         at = slice(first[s], first[s + 1])
                         agent_feature_rows(np.ascontiguousarray(terms.x[at]), np.ascontiguousarray(grad[at]), qj, ql,
                                            np.ascontiguousarray(y[at]), scales[s], zs[s][q * nr:(q + 1) * nr])
+            filled.add(sp)
             for s in range(s_n):
                 out[0, s, sp] += np.matmul(zs[s].T, zs[s], out=prod)
-    return legendre_gram(out, spec) if degrees else out
+    for sp in sorted(filled) if degrees else ():
+        out[0, :, sp] = legendre_gram(out[0, :, sp], spec)
+    return out
 
 
 @dataclass(frozen=True)
