@@ -112,6 +112,32 @@ class FeatureSpec:
             src += [-1] * (self.q - self.n_species * nr)
         return np.array(src, dtype=np.int64)
 
+    def neighbour_species(self) -> np.ndarray:
+        """(F, S) bool: whether an atom of species s moving as a neighbour of atom k can change x_k[f]
+        (phi and rho: their source species; psi (a, b): a and b)."""
+        out = np.zeros((self.n_features, self.n_species), dtype=bool)
+        src = self.two_body_source()
+        two = src >= 0
+        out[np.flatnonzero(two), src[two]] = True
+        if self.angular is not None:
+            first = self.p + self.n_species * self.angular.n_radial
+            nl = self.angular.l_max + 1
+            for c, (a, b, _, _) in enumerate(self.angular.channels(self.n_species)):
+                out[first + c * nl:first + (c + 1) * nl, [a, b]] = True
+        return out
+
+    def conservative_support(self, s: int) -> np.ndarray:
+        """Columns (of all S blocks, sorted) of the conservative design that can be nonzero in the rows
+        of an atom of species s: all of its own block (its own features move with it), and in block
+        b != s the features an atom of s moves as a neighbour (:meth:`neighbour_species`) and the
+        quadratic columns with one of those among their two features. The others are zero by
+        construction, and the Gram reduction leaves them out of its products."""
+        moved = self.neighbour_species()[:, s]
+        j, l = self.quadratic_pairs()
+        other = np.concatenate([np.flatnonzero(moved), self.n_features + np.flatnonzero(moved[j] | moved[l])])
+        cols = [b * self.block + (np.arange(self.block) if b == s else other) for b in range(self.n_species)]
+        return np.concatenate(cols).astype(np.int64)
+
     def columns(self, keep_groups, quadratic: bool = True) -> np.ndarray:
         """Columns of one species block (linear, then quadratic) whose features use only kept groups."""
         keep = set(int(g) for g in keep_groups)

@@ -371,10 +371,34 @@ def test_degree_rows_turn_into_the_legendre_gram(water):
                                codes, spec_q, np.zeros((360, 2 * spec_q.block + 1)), legendre=False)
 
 
+@pytest.mark.parametrize("cutoff,angular,quadratic", [(None, False, "pair"), (4.9, True, "pair"),
+                                                      (4.9, True, "pair+radial")])
+def test_conservative_rows_vanish_outside_each_species_support(water, cutoff, angular, quadratic):
+    """The Gram reduction multiplies only FeatureSpec.conservative_support(s) of species s's rows:
+    on real rows every other column is exactly zero, no column inside it is, and it leaves out part
+    of the other species' block (the features an atom of s does not move as a neighbour)."""
+    from ensemble.fit.design import conservative_rows_blas
+
+    ds = water.isel(atom=slice(0, 120))
+    codes, _ = species_index(ds["species"].values, ["H", "O"])
+    spec = FeatureSpec(2, WS, ANG if angular else None, quadratic, cutoff, 1.0)
+    terms = frame_terms(ds["positions"].values[0], np.diag(ds["cell"].values), codes, spec)
+    z = conservative_rows_blas(terms, codes, spec, np.zeros((360, 2 * spec.block)))
+    for s in range(2):
+        sup = spec.conservative_support(s)
+        own = np.arange(s * spec.block, (s + 1) * spec.block)
+        assert np.isin(own, sup).all() and 0 < 2 * spec.block - sup.size < spec.block
+        at = (3 * np.flatnonzero(codes == s)[:, None] + np.arange(3)).ravel()
+        zs = z[at]
+        assert not np.delete(zs, sup, axis=1).any()
+        assert (np.abs(zs[:, sup]).max(axis=0) > 0).all()
+
+
 def test_reduction_with_degree_rows_equals_the_legendre_rows(monkeypatch):
     """accumulate_gram of the many-body conservative kind (rows per monomial degree, turned into
-    Legendre orders per chunk) equals the same reduction forced onto Legendre rows, with chunks
-    that mix the training, validation and test splits."""
+    Legendre orders per chunk; products over each species' support) equals the same reduction
+    forced onto Legendre rows and the full Z^T Z of the Legendre rows, with chunks that mix the
+    training, validation and test splits."""
     import dask
 
     import ensemble.fit.gram as gram_mod
@@ -390,6 +414,21 @@ def test_reduction_with_degree_rows_equals_the_legendre_rows(monkeypatch):
     assert (deg.rows > 0).all() and np.array_equal(deg.rows, leg.rows)
     scale = np.abs(leg.zz).max()
     assert_allclose(deg.zz, leg.zz, rtol=0, atol=1e-11 * scale)
+    # and both equal Z^T Z of every column of the Legendre rows, with the forces as the target
+    from ensemble.fit.design import conservative_rows_blas
+    from ensemble.fit.gram import frame_splits
+
+    codes, _ = species_index(ds["species"].values, ["H", "O"])
+    box = np.diag(ds["cell"].values)
+    want = np.zeros_like(deg.zz)
+    for t, sp in enumerate(frame_splits(8, splits)):
+        z = np.zeros((3 * codes.size, 2 * spec.block + 1))
+        conservative_rows_blas(frame_terms(ds["positions"].values[t], box, codes, spec), codes, spec, z)
+        z[:, -1] = ds["forces"].values[t].ravel()
+        for s in range(2):
+            zs = z[(3 * np.flatnonzero(codes == s)[:, None] + np.arange(3)).ravel()]
+            want[s, sp] += zs.T @ zs
+    assert_allclose(deg.zz, want, rtol=0, atol=1e-11 * scale)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

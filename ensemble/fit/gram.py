@@ -316,11 +316,20 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     # species: species s's rows of all its frames are one block (zs[s]), frame q's at q * 3 n_s, so
     # the conservative rows are written in place (no copy) and each block is one syrk.
     zbuf = np.zeros((min(batch, f) * 3 * n, c + 1))
-    prod = np.zeros((c + 1, c + 1))
     within = np.arange(n) - first[codes]                 # index of each atom among its species
     # angular columns per monomial degree, turned into Legendre orders once per chunk (legendre_gram)
     degrees = kind == "conservative" and degree_rows(spec)
     filled = set()
+    kacc = {}
+    if kind == "conservative":
+        # species s's rows are zero outside spec.conservative_support(s): the products take only those
+        # columns and the target (599 of 699 for the many-body default, 1216 of 1405 in paper mode),
+        # gathered GATHER_ROWS rows at a time
+        keep = [np.append(spec.conservative_support(s), c) for s in range(s_n)]
+        kbuf = [np.zeros((min(GATHER_ROWS, min(batch, f) * 3 * int(counts[s])), k.size)) for s, k in enumerate(keep)]
+        kprod = [np.zeros((k.size, k.size)) for k in keep]
+    else:
+        prod = np.zeros((c + 1, c + 1))
     for a0 in range(0, f, batch):
         frames = [t for t in range(a0, min(a0 + batch, f)) if split[t] >= 0]
         for sp in range(3):
@@ -349,10 +358,28 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                                            np.ascontiguousarray(y[at]), scales[s], zs[s][q * nr:(q + 1) * nr])
             filled.add(sp)
             for s in range(s_n):
-                out[0, s, sp] += np.matmul(zs[s].T, zs[s], out=prod)
+                if kind == "conservative":
+                    acc = kacc.setdefault((s, sp), np.zeros((keep[s].size, keep[s].size)))
+                    _add_gram_of_columns(zs[s], keep[s], kbuf[s], kprod[s], acc)
+                else:
+                    out[0, s, sp] += np.matmul(zs[s].T, zs[s], out=prod)
+    for (s, sp), acc in kacc.items():
+        out[0, s, sp][np.ix_(keep[s], keep[s])] = acc
     for sp in sorted(filled) if degrees else ():
         out[0, :, sp] = legendre_gram(out[0, :, sp], spec)
     return out
+
+
+#: rows gathered at a time for the products over a species' support (:func:`_add_gram_of_columns`)
+GATHER_ROWS = 2048
+
+
+def _add_gram_of_columns(z: np.ndarray, cols: np.ndarray, buf: np.ndarray, prod: np.ndarray, acc: np.ndarray) -> None:
+    """acc += z[:, cols]^T z[:, cols], the columns gathered into ``buf`` (len(buf) rows at a time)."""
+    for r0 in range(0, z.shape[0], buf.shape[0]):
+        g = buf[:min(buf.shape[0], z.shape[0] - r0)]
+        np.take(z[r0:r0 + g.shape[0]], cols, axis=1, out=g, mode="clip")
+        acc += np.matmul(g.T, g, out=prod)
 
 
 @dataclass(frozen=True)
