@@ -747,11 +747,12 @@ def _map_factored(xf, dd, rho, si, n_species, nr, nl, channels, sign, out):
 
 
 @njit(cache=True, fastmath=_FAST)
-def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, block, rows, legendre, out, n_species, mu,
-                           sigma, cutoff, width, l_max, mono, mono_p, mono_w, leg, channels):
+def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, block, rows, colmap, legendre, out,
+                           n_species, mu, sigma, cutoff, width, l_max, mono, mono_p, mono_w, leg, channels):
     """Write the angular linear columns of the conservative design into ``out`` (atom i's rows are
-    rows[i] .. rows[i] + 2; >= S * block columns): entry e of centre k (species s) adds -J[e] to k's
-    rows and +J[e] to its neighbour's, in block s after the ``n_pair`` pair features.
+    rows[i] .. rows[i] + 2, design column j in column colmap[s_i, j], not written where that is -1):
+    entry e of centre k (species s) adds -J[e] to k's rows and +J[e] to its neighbour's, in block s
+    after the ``n_pair`` pair features.
 
     J[e] is never formed. Every channel's entry Jacobian is R_n' g1 + R_n g2 on a moving side
     (:func:`_centre_contractions`), so the entries are summed in factored form, per moving atom and
@@ -834,11 +835,12 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
                 _map_factored(xl, acc_d[s, i], acc_r[s, i], si, n_species, nr, nl, channels, 1.0, col)
             else:
                 _map_factored(acc_x[s, i], acc_d[s, i], acc_r[s, i], si, n_species, nr, nl, channels, 1.0, col)
-            c0 = s * block + n_pair
+            cm = colmap[si, s * block + n_pair:s * block + n_pair + q]
             for c in range(3):
                 r = rows[i] + c
                 for f in range(q):
-                    out[r, c0 + f] = col[c, f]
+                    if cm[f] >= 0:
+                        out[r, cm[f]] = col[c, f]
 
 
 @njit(cache=True)
@@ -1143,20 +1145,27 @@ class AngularFrame:
         return angular_self_gradient(self.start, self.nb, self.geo, self.codes, self.t, self.rad, *self.arr.args())
 
     def add_design_columns(self, n_pair: int, block: int, out: np.ndarray, rows: np.ndarray | None = None,
-                           legendre: bool = True) -> np.ndarray:
+                           legendre: bool = True, colmap: np.ndarray | None = None) -> np.ndarray:
         """Write the angular linear columns of the conservative design into ``out``
         (:func:`angular_design_scatter`; atom i's rows start at rows[i], default 3 i). With
         ``legendre=False`` the psi columns are those of the monomial degrees p instead of the
         Legendre orders l: psi_p = sum_{i != j} R_n R_m (u_i . u_j)^p, of which psi_l = sum_p
-        leg[l, p] psi_p (a fixed change of columns, :func:`ensemble.fit.design.legendre_gram`)."""
+        leg[l, p] psi_p (a fixed change of columns, :func:`ensemble.fit.design.legendre_gram`).
+        ``colmap`` (S, S * block): design column j of an atom of species s goes to column colmap[s, j],
+        not written where -1 (default: column j)."""
         n, q = self.x.shape
+        n_s = self.arr.n_species
         rows = 3 * np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
-        if (n_pair + q > block or out.ndim != 2 or out.shape[1] < self.arr.n_species * block or rows.shape != (n,)
+        if colmap is None:
+            colmap = np.tile(np.arange(n_s * block, dtype=np.int64), (n_s, 1))
+        colmap = np.ascontiguousarray(colmap, dtype=np.int64)
+        if (n_pair + q > block or out.ndim != 2 or colmap.shape != (n_s, n_s * block)
+                or colmap.max() >= out.shape[1] or rows.shape != (n,)
                 or (n and (rows.min() < 0 or rows.max() + 3 > out.shape[0]))):
-            raise ValueError(f"design rows of shape {out.shape} cannot hold {self.arr.n_species} blocks of {block} "
-                             f"columns with {q} angular features after {n_pair} pair features for {n} atoms")
+            raise ValueError(f"design rows of shape {out.shape} (column map {colmap.shape}) cannot hold {n_s} blocks "
+                             f"of {block} columns with {q} angular features after {n_pair} pair features for {n} atoms")
         angular_design_scatter(self.start, self.nb, self.geo, self.codes, self.t, self.rad, n_pair, block, rows,
-                               legendre, out, *self.arr.args())
+                               colmap, legendre, out, *self.arr.args())
         return out
 
 

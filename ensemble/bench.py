@@ -214,8 +214,7 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     otherwise the paper's 18 weight functions (paper mode, or cutoff 4.9 Å)."""
     from .data import load_default
     from .features import frame_terms
-    from .fit.design import agent_feature_rows, conservative_rows_blas, degree_rows
-    from .fit.gram import GATHER_ROWS, _add_gram_of_columns
+    from .fit.design import agent_feature_rows, conservative_rows_blas, degree_rows, support_colmap
     from .invariants import species_index
 
     ds = load_default().isel(frame=slice(0, n_frames))
@@ -231,11 +230,17 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     c = spec.block * (s_n if kind == "conservative" else 1)
     qj, ql = spec.quadratic_pairs()
     atoms = [np.flatnonzero(codes == s) for s in range(s_n)]
-    # the reduction's layout: one buffer, species by species, touched once (as the reused buffer is)
-    zall = np.zeros((n_frames * 3 * n, c + 1))
+    # the reduction's layout (_gram_chunk_features): one buffer, species by species, touched once (as
+    # the reused buffer is); conservative rows hold the target, then only the species' support
+    if kind == "conservative":
+        colmap, support = support_colmap(spec, first=1)
+        keep = [np.append(c, sup) for sup in support]
+    else:
+        keep = [np.arange(c + 1)] * s_n
+    zall = np.zeros((n_frames * 3 * n, max(k.size for k in keep)))
     zall.fill(0.0)
     off = np.concatenate([[0], np.cumsum([n_frames * 3 * a.size for a in atoms])])
-    zs = [zall[off[s]:off[s + 1]] for s in range(s_n)]
+    zs = [zall[off[s]:off[s + 1], :keep[s].size] for s in range(s_n)]
     within = np.arange(n) - np.concatenate([[0], np.cumsum([a.size for a in atoms])])[codes]
 
     def features(t):
@@ -245,8 +250,8 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     def rows(t, terms, grad):
         if kind == "conservative":
             rows = off[codes] + t * 3 * np.array([a.size for a in atoms])[codes] + 3 * within
-            conservative_rows_blas(terms, codes, spec, zall, rows, legendre=not degree_rows(spec))   # as the reduction
-            zall[(rows[:, None] + np.arange(3)).ravel(), c] = target[t].ravel()
+            conservative_rows_blas(terms, codes, spec, zall, rows, legendre=not degree_rows(spec), colmap=colmap)
+            zall[(rows[:, None] + np.arange(3)).ravel(), 0] = target[t].ravel()
         else:
             for s in range(s_n):
                 nr = 3 * atoms[s].size
@@ -268,20 +273,13 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
             r_sum += time.perf_counter() - b
         t_feat = min(t_feat, f_sum)
         t_rows = min(t_rows, r_sum)
-    prod = np.zeros((c + 1, c + 1))
-    prod.fill(0.0)                             # touched, as the reduction's reused product is
-    # the product as the reduction forms it: the conservative kind over each species' support only
-    keep = ([np.append(spec.conservative_support(s), c) for s in range(s_n)] if kind == "conservative"
-            else [np.arange(c + 1)] * s_n)
-    kbuf = [np.zeros((min(GATHER_ROWS, z.shape[0]), k.size)) for z, k in zip(zs, keep)]
-    kacc = [np.zeros((k.size, k.size)) for k in keep]
+    prods = [np.zeros((k.size, k.size)) for k in keep]
+    for pr in prods:
+        pr.fill(0.0)                           # touched, as the reduction's reused products are
     for _ in range(repeats):
         a = time.perf_counter()
-        for z, k, kb, ka in zip(zs, keep, kbuf, kacc):
-            if kind == "conservative":
-                _add_gram_of_columns(z, k, kb, np.empty_like(ka), ka)
-            else:
-                np.matmul(z.T, z, out=prod)
+        for z, pr in zip(zs, prods):
+            np.matmul(z.T, z, out=pr)
         t_zz = min(t_zz, time.perf_counter() - a)
     flop = sum(z.shape[0] for z in zs) * (c + 1) ** 2          # the full Gram's, whatever is skipped
     flop_done = sum(z.shape[0] * k.size ** 2 for z, k in zip(zs, keep))

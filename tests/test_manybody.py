@@ -313,7 +313,7 @@ def test_nve_energy_drift_of_a_fitted_angular_conservative_model():
 @pytest.mark.parametrize("cutoff,angular,quadratic", [(None, False, "pair"), (4.9, False, "pair"), (4.9, True, "pair"),
                                                       (4.9, True, "pair+radial")])
 def test_blas_conservative_rows_equal_the_scatter_kernel(water, cutoff, angular, quadratic):
-    from ensemble.fit.design import conservative_rows_blas
+    from ensemble.fit.design import conservative_rows_blas, support_colmap
 
     ds = water.isel(atom=slice(0, 120))
     pos = ds["positions"].values[0]
@@ -332,6 +332,15 @@ def test_blas_conservative_rows_equal_the_scatter_kernel(water, cutoff, angular,
     at = (rows[:, None] + np.arange(3)).ravel()
     assert_allclose(buf[at, :2 * spec.block], a[:, :2 * spec.block], rtol=0, atol=1e-12 * np.abs(a).max())
     assert np.isnan(buf[:, 2 * spec.block:]).all() and np.isnan(np.delete(buf, at, axis=0)).all()
+    # a column map: each species' support written compactly after one free column, the rest untouched
+    colmap, support = support_colmap(spec, first=1)
+    buf = np.full((360, 2 * spec.block + 1), np.nan)
+    conservative_rows_blas(terms, codes, spec, buf, colmap=colmap)
+    for sp in range(2):
+        rs = (3 * np.flatnonzero(codes == sp)[:, None] + np.arange(3)).ravel()
+        got = buf[rs]
+        assert_allclose(got[:, 1:1 + support[sp].size], a[rs][:, support[sp]], rtol=0, atol=1e-12 * np.abs(a).max())
+        assert np.isnan(got[:, 0]).all() and np.isnan(got[:, 1 + support[sp].size:]).all()
 
 
 def test_degree_rows_turn_into_the_legendre_gram(water):

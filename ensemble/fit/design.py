@@ -18,7 +18,7 @@ from numba import njit
 from ..features import FeatureSpec, FrameTerms
 
 __all__ = ["agent_feature_rows", "conservative_feature_rows", "conservative_rows", "conservative_rows_blas",
-           "degree_rows", "legendre_gram"]
+           "degree_rows", "legendre_gram", "support_colmap"]
 
 
 @njit(cache=True)
@@ -119,13 +119,15 @@ def conservative_feature_rows(terms: FrameTerms, codes: np.ndarray, spec: Featur
 
 # --------------------------------------------------------------------------- conservative rows through BLAS
 @njit(cache=True)
-def _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj, ql, half, avec, y, rows, out):
+def _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj, ql, half, avec, y, rows, colmap,
+                        out):
     """Write atom i's three rows of pair columns from its products b (S, P + 1, 3M) (see
-    :func:`conservative_pair_rows`)."""
+    :func:`conservative_pair_rows`); design column j goes to column colmap[s_i, j] of ``out``."""
     p = n_species * m_w
     nq = qj.shape[0]
     si = species[i]
     xi = x[i]
+    cm = colmap[si]
     for c in range(3):
         row = out[rows[i] + c]
         for f in range(p):                   # d phi_f[i] / d q_i, component c
@@ -143,7 +145,9 @@ def _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj,
                     v -= bs[p, 3 * (f - a * m_w) + c]
                 if own:
                     v -= avec[f]
-                row[col0 + f] = v
+                j = cm[col0 + f]
+                if j >= 0:
+                    row[j] = v
             if nq == 0:
                 continue
             # Y[j, l] = [s_i = s] x_j[i] A[l] + [s_i = a_l] B_s[j, m_l]
@@ -156,7 +160,9 @@ def _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj,
                 for m in range(m_w):
                     yj[si * m_w + m] += bj[3 * m + c]
             for q in range(nq):
-                row[colq + q] = -half[q] * (y[qj[q], ql[q]] + y[ql[q], qj[q]])
+                j = cm[colq + q]
+                if j >= 0:
+                    row[j] = -half[q] * (y[qj[q], ql[q]] + y[ql[q], qj[q]])
 
 
 #: atoms per BLAS product when every atom neighbours every other (paper mode)
@@ -164,11 +170,11 @@ DENSE_BLOCK = 16
 
 
 @njit(cache=True)
-def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_features, qj, ql, rows, out):
+def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_features, qj, ql, rows, colmap, out):
     """Pair columns (linear and quadratic over pair features) of every species block of the
     conservative design, one atom's three rows at a time, with the sums over neighbours as BLAS
-    products (atom i's rows of ``out`` are rows[i] .. rows[i] + 2, >= S * block columns; the pair
-    columns are written, not added).
+    products (atom i's rows of ``out`` are rows[i] .. rows[i] + 2, design column j in column
+    colmap[s_i, j], not written where that is -1; the pair columns are written, not added).
 
     For atom i and centre species s, B_s[j, (m, c)] = sum over i's entries e with a neighbour k of s
     of x_j[k] g_m(r_ik) (q_i - q_k)_c, and B_s[P, (m, c)] the same with 1 for x_j[k] (= d phi_(s, m)[i]
@@ -237,7 +243,7 @@ def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_fe
                 np.dot(xs[s, :counts[s]].T, gb[s, :counts[s]], bb[s])
             for ii in range(nbk):
                 _assemble_pair_rows(i0 + ii, species, x, bb[:, :, ii * mc:(ii + 1) * mc], n_species, m_w, block,
-                                    n_features, qj, ql, half, avec, y, rows, out)
+                                    n_features, qj, ql, half, avec, y, rows, colmap, out)
         return
     xg = np.empty((n_species, width, p + 1))
     gg = np.empty((n_species, width, mc))
@@ -268,7 +274,8 @@ def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_fe
                 np.dot(xg[s, :cnt[s]].T, gg[s, :cnt[s]], b[s])
             else:
                 b[s, :, :] = 0.0
-        _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj, ql, half, avec, y, rows, out)
+        _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj, ql, half, avec, y, rows, colmap,
+                            out)
 
 
 def degree_rows(spec: FeatureSpec) -> bool:
@@ -305,7 +312,8 @@ def legendre_gram(g: np.ndarray, spec: FeatureSpec) -> np.ndarray:
 
 
 def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSpec, out: np.ndarray,
-                           rows: np.ndarray | None = None, legendre: bool = True) -> np.ndarray:
+                           rows: np.ndarray | None = None, legendre: bool = True,
+                           colmap: np.ndarray | None = None) -> np.ndarray:
     """The conservative design of one frame, like :func:`conservative_feature_rows`: the pair block
     (linear and quadratic) from :func:`conservative_pair_rows`, the angular linear columns from
     the entry Jacobians. Atom i's rows of ``out`` are rows[i] .. rows[i] + 2 (default 3 i), so a
@@ -313,25 +321,49 @@ def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSp
     those rows are written (nothing else is touched, and ``out`` need not be zeroed). Falls back to
     the scatter kernel when quadratic columns involve angular features. ``legendre=False`` (only
     where :func:`degree_rows`) writes the psi columns per monomial degree, for
-    :func:`legendre_gram` to turn into Legendre orders once the rows' Gram matrix is summed."""
+    :func:`legendre_gram` to turn into Legendre orders once the rows' Gram matrix is summed.
+
+    ``colmap`` (S, S * block) int64: design column j of an atom of species s goes to column
+    colmap[s, j] of ``out``, and is not written where that is -1 (default: column j for all), so a
+    caller can keep only each species' support (:func:`support_colmap`)."""
     p = spec.p
     n = terms.x.shape[0]
     width = spec.n_species * spec.block
     rows = 3 * np.arange(n, dtype=np.int64) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
-    if (out.ndim != 2 or out.shape[1] < width or rows.shape != (n,)
-            or (n and (rows.min() < 0 or rows.max() + 3 > out.shape[0]))):
+    if colmap is None:
+        colmap = np.tile(np.arange(width, dtype=np.int64), (spec.n_species, 1))
+    colmap = np.ascontiguousarray(colmap, dtype=np.int64)
+    if (out.ndim != 2 or colmap.shape != (spec.n_species, width) or colmap.max() >= out.shape[1]
+            or colmap.min() < -1 or rows.shape != (n,) or (n and (rows.min() < 0 or rows.max() + 3 > out.shape[0]))):
         raise ValueError(f"design rows of shape {out.shape} with atom rows from {rows.min() if n else 0} to "
-                         f"{rows.max() + 2 if n else 0}: expected (>= 3 rows per atom, >= {width} columns)")
+                         f"{rows.max() + 2 if n else 0} and a column map of shape {colmap.shape} into columns "
+                         f"{colmap.min()} .. {colmap.max()}: expected >= 3 rows per atom, a map of shape "
+                         f"{(spec.n_species, width)} into -1 (skip) .. {out.shape[1] - 1}")
     qj, ql = spec.quadratic_pairs()
     if not legendre and not degree_rows(spec):
         raise ValueError("conservative rows per monomial degree (legendre=False) need angular features that no "
                          f"quadratic column involves; got quadratic={spec.quadratic!r}, angular={spec.angular}")
     if qj.size and max(qj.max(), ql.max()) >= p:
-        at = (rows[:, None] + np.arange(3)).ravel()
-        out[at, :width] = conservative_feature_rows(terms, codes, spec)
+        full = conservative_feature_rows(terms, codes, spec)
+        for s in range(spec.n_species):
+            atoms = np.flatnonzero(codes == s)
+            kept = np.flatnonzero(colmap[s] >= 0)
+            out[np.ix_((rows[atoms, None] + np.arange(3)).ravel(), colmap[s, kept])] = \
+                full[(3 * atoms[:, None] + np.arange(3)).ravel()][:, kept]
         return out
     conservative_pair_rows(codes, terms.x, terms.start, terms.nb, terms.geo, terms.g, spec.n_species, spec.block,
-                           spec.n_features, qj, ql, rows, out)
+                           spec.n_features, qj, ql, rows, colmap, out)
     if terms.ang is not None:
-        terms.ang.add_design_columns(p, spec.block, out, rows, legendre)
+        terms.ang.add_design_columns(p, spec.block, out, rows, legendre, colmap)
     return out
+
+
+def support_colmap(spec: FeatureSpec, first: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A column map for :func:`conservative_rows_blas` that writes each species' support
+    (:meth:`FeatureSpec.conservative_support`) compactly from column ``first`` on, and the supports."""
+    width = spec.n_species * spec.block
+    colmap = np.full((spec.n_species, width), -1, dtype=np.int64)
+    support = [spec.conservative_support(s) for s in range(spec.n_species)]
+    for s, sup in enumerate(support):
+        colmap[s, sup] = first + np.arange(sup.size)
+    return colmap, support

@@ -35,7 +35,7 @@ from numba import njit
 from ..features import FeatureSpec, frame_terms
 from ..invariants import (WeightSet, _weight, check_cutoff, invariants_frames, neighbour_pairs, orthorhombic_box,
                           pair_geometry, species_index)
-from .design import agent_feature_rows, conservative_rows_blas, degree_rows, legendre_gram
+from .design import agent_feature_rows, conservative_rows_blas, degree_rows, legendre_gram, support_colmap
 from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Splits", "GramSet", "SpeciesFit", "JointFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
@@ -311,25 +311,26 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     qj, ql = spec.quadratic_pairs()
     counts = np.bincount(codes, minlength=s_n)
     first = np.concatenate([[0], np.cumsum(counts)])
-    # one row buffer and the Gram product, allocated and touched once per chunk (fresh pages fault on
-    # first touch, which costs as much as filling them). A batch of frames lies in it species by
-    # species: species s's rows of all its frames are one block (zs[s]), frame q's at q * 3 n_s, so
-    # the conservative rows are written in place (no copy) and each block is one syrk.
-    zbuf = np.zeros((min(batch, f) * 3 * n, c + 1))
-    within = np.arange(n) - first[codes]                 # index of each atom among its species
     # angular columns per monomial degree, turned into Legendre orders once per chunk (legendre_gram)
     degrees = kind == "conservative" and degree_rows(spec)
-    filled = set()
-    kacc = {}
+    # the columns of species s's rows, as indices into the Gram matrix (keep[s]): the agent kind's
+    # block and target; for the conservative kind the target first, then only the columns of
+    # spec.conservative_support(s), the others being zero by construction in those rows (598 of
+    # 698 design columns for the many-body default, 1215 of 1404 in paper mode), written there
+    # compactly by the row kernels (colmap)
     if kind == "conservative":
-        # species s's rows are zero outside spec.conservative_support(s): the products take only those
-        # columns and the target (599 of 699 for the many-body default, 1216 of 1405 in paper mode),
-        # gathered GATHER_ROWS rows at a time
-        keep = [np.append(spec.conservative_support(s), c) for s in range(s_n)]
-        kbuf = [np.zeros((min(GATHER_ROWS, min(batch, f) * 3 * int(counts[s])), k.size)) for s, k in enumerate(keep)]
-        kprod = [np.zeros((k.size, k.size)) for k in keep]
+        colmap, support = support_colmap(spec, first=1)
+        keep = [np.append(c, sup) for sup in support]
     else:
-        prod = np.zeros((c + 1, c + 1))
+        keep = [np.arange(c + 1)] * s_n
+    # one row buffer and the products, allocated and touched once per chunk (fresh pages fault on
+    # first touch, which costs as much as filling them). A batch of frames lies in it species by
+    # species: species s's rows of all its frames are one block (zs[s]), frame q's at q * 3 n_s, so
+    # the rows are written in place (no copy) and each block is one syrk.
+    zbuf = np.zeros((min(batch, f) * 3 * n, max(k.size for k in keep)))
+    prods = [np.zeros((k.size, k.size)) for k in keep]
+    within = np.arange(n) - first[codes]                 # index of each atom among its species
+    sums = {}                                            # (species, split): the products' sum
     for a0 in range(0, f, batch):
         frames = [t for t in range(a0, min(a0 + batch, f)) if split[t] >= 0]
         for sp in range(3):
@@ -337,7 +338,7 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
             if not sel:
                 continue
             off = np.concatenate([[0], np.cumsum(len(sel) * 3 * counts)])
-            zs = [zbuf[off[s]:off[s + 1]] for s in range(s_n)]
+            zs = [zbuf[off[s]:off[s + 1], :keep[s].size] for s in range(s_n)]
             for q, t in enumerate(sel):
                 terms = frame_terms(pos[t], box[t], codes, spec)
                 y = np.array(target[t], dtype=float)
@@ -347,8 +348,8 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                     y -= fp if kind == "conservative" else fp * scales[codes][:, None]
                 if kind == "conservative":
                     rows = off[codes] + q * 3 * counts[codes] + 3 * within
-                    conservative_rows_blas(terms, codes, spec, zbuf, rows, legendre=not degrees)
-                    zbuf[(rows[:, None] + np.arange(3)).ravel(), c] = y.ravel()
+                    conservative_rows_blas(terms, codes, spec, zbuf, rows, legendre=not degrees, colmap=colmap)
+                    zbuf[(rows[:, None] + np.arange(3)).ravel(), 0] = y.ravel()
                 else:
                     grad = terms.self_gradient(codes, s_n)
                     for s in range(s_n):
@@ -356,30 +357,14 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                         at = slice(first[s], first[s + 1])
                         agent_feature_rows(np.ascontiguousarray(terms.x[at]), np.ascontiguousarray(grad[at]), qj, ql,
                                            np.ascontiguousarray(y[at]), scales[s], zs[s][q * nr:(q + 1) * nr])
-            filled.add(sp)
             for s in range(s_n):
-                if kind == "conservative":
-                    acc = kacc.setdefault((s, sp), np.zeros((keep[s].size, keep[s].size)))
-                    _add_gram_of_columns(zs[s], keep[s], kbuf[s], kprod[s], acc)
-                else:
-                    out[0, s, sp] += np.matmul(zs[s].T, zs[s], out=prod)
-    for (s, sp), acc in kacc.items():
+                acc = sums.setdefault((s, sp), np.zeros_like(prods[s]))
+                acc += np.matmul(zs[s].T, zs[s], out=prods[s])
+    for (s, sp), acc in sums.items():
         out[0, s, sp][np.ix_(keep[s], keep[s])] = acc
-    for sp in sorted(filled) if degrees else ():
+    for sp in sorted({sp for _, sp in sums}) if degrees else ():
         out[0, :, sp] = legendre_gram(out[0, :, sp], spec)
     return out
-
-
-#: rows gathered at a time for the products over a species' support (:func:`_add_gram_of_columns`)
-GATHER_ROWS = 2048
-
-
-def _add_gram_of_columns(z: np.ndarray, cols: np.ndarray, buf: np.ndarray, prod: np.ndarray, acc: np.ndarray) -> None:
-    """acc += z[:, cols]^T z[:, cols], the columns gathered into ``buf`` (len(buf) rows at a time)."""
-    for r0 in range(0, z.shape[0], buf.shape[0]):
-        g = buf[:min(buf.shape[0], z.shape[0] - r0)]
-        np.take(z[r0:r0 + g.shape[0]], cols, axis=1, out=g, mode="clip")
-        acc += np.matmul(g.T, g, out=prod)
 
 
 @dataclass(frozen=True)
