@@ -380,17 +380,19 @@ def _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s
 
 
 @njit(cache=True, fastmath=_FAST)
-def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p, mono_w, leg,
-                     channels):
+def angular_features(start, nb, geo, species, values, n_species, mu, sigma, cutoff, width, l_max, mono, mono_p, mono_w,
+                     leg, channels):
     """Features x (N, Q), the moment tensors T (N, S, N_r, n_mono), the diagonal sums
     Dg (N, S, N_r, N_r) = sum_{i of a} R_n R_m and the radial values of every entry (E, 2, N_r):
-    R_n and dR_n/dr (reused by the derivative kernels), from a neighbour list in CSR form."""
+    R_n and dR_n/dr (reused by the derivative kernels), from a neighbour list in CSR form.
+    ``values=False``: x is (N, 0), the features' values not formed (what linear design columns
+    need is T and the radial values)."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
     nm = mono.shape[0]
     nl = l_max + 1
     q = n_species * nr + channels.shape[0] * nl
-    x = np.zeros((n, q))
+    x = np.zeros((n, q if values else 0))
     t_all = np.zeros((n, n_species, nr, nm))
     dg_all = np.zeros((n, n_species, nr, nr))
     rad_all = np.empty((start[n], 2, nr))
@@ -405,7 +407,8 @@ def angular_features(start, nb, geo, species, n_species, mu, sigma, cutoff, widt
             _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad_all, e)
             _monomial_values(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, pw, um, 0)
             _add_moments(rad_all, e, um, 0, tk, dgk, species[nb[e]])
-        _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, x[k])
+        if values:
+            _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, x[k])
     return x, t_all, dg_all, rad_all
 
 
@@ -1153,7 +1156,7 @@ class AngularFrame:
         leg[l, p] psi_p (a fixed change of columns, :func:`ensemble.fit.design.legendre_gram`).
         ``colmap`` (S, S * block): design column j of an atom of species s goes to column colmap[s, j],
         not written where -1 (default: column j)."""
-        n, q = self.x.shape
+        n, q = self.t.shape[0], self.arr.n_features
         n_s = self.arr.n_species
         rows = 3 * np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
         if colmap is None:
@@ -1170,10 +1173,11 @@ class AngularFrame:
 
 
 def angular_frame(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, arr: AngularArrays,
-                  pairs: np.ndarray | None = None) -> AngularFrame:
+                  pairs: np.ndarray | None = None, values: bool = True) -> AngularFrame:
     """Angular features of one frame (positions (N, 3) Å, orthorhombic box (3,) Å, species codes (N,)).
 
     ``pairs``: candidate pairs (k < i) that include every pair within the cutoff (default: cell lists).
+    ``values=False``: the frame's ``x`` is (N, 0), for users of the linear design columns only.
     """
     pos = np.ascontiguousarray(pos, dtype=float)
     box = np.asarray(box, dtype=float)
@@ -1181,7 +1185,7 @@ def angular_frame(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, arr: Angu
         pairs = neighbour_pairs(pos, box, arr.cutoff)
     start, nb, geo = neighbour_csr(pairs, pos, box, arr.cutoff, arr.width, pos.shape[0])
     codes = np.ascontiguousarray(codes)
-    x, t, _, rad = angular_features(start, nb, geo, codes, *arr.args())
+    x, t, _, rad = angular_features(start, nb, geo, codes, values, *arr.args())
     return AngularFrame(x, start, nb, geo, t, rad, codes, arr)
 
 

@@ -244,7 +244,7 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     within = np.arange(n) - np.concatenate([[0], np.cumsum([a.size for a in atoms])])[codes]
 
     def features(t):
-        terms = frame_terms(pos[t], box, codes, spec)
+        terms = frame_terms(pos[t], box, codes, spec, angular_values=not (kind == "conservative" and degree_rows(spec)))
         return terms, (terms.self_gradient(codes, s_n) if kind == "agent" else None)
 
     def rows(t, terms, grad):

@@ -284,8 +284,9 @@ def pair_csr_forces(start, nb, geo, species, g, dh, conservative):
 
 @dataclass(frozen=True)
 class FrameTerms:
-    """One frame's features ``x`` (N, F) and what derivatives need: the pair CSR list (``start``,
-    ``nb``, ``geo``) with ``g`` (E, M), and the angular frame (or None)."""
+    """One frame's features ``x`` (N, F; the pair features only, (N, P), when the angular values
+    were not asked for) and what derivatives need: the pair CSR list (``start``, ``nb``, ``geo``)
+    with ``g`` (E, M), and the angular frame (or None)."""
 
     x: np.ndarray
     start: np.ndarray
@@ -303,7 +304,7 @@ class FrameTerms:
 
 
 def frame_terms(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, spec: FeatureSpec, *,
-                pairs: np.ndarray | None = None) -> FrameTerms:
+                pairs: np.ndarray | None = None, angular_values: bool = True) -> FrameTerms:
     """Features of one frame (positions (N, 3) Å, box (3,) Å, species codes (N,)) and what their
     derivatives need (the angular Jacobian is computed on demand, entry by entry, by its users).
 
@@ -311,6 +312,8 @@ def frame_terms(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, spec: Featu
     within :meth:`FeatureSpec.reach_angstrom` (default: cell lists; paper mode: all pairs, and the
     angular terms their own list within the angular cutoff). A shorter list gives the features the
     atoms would have if only those pairs existed (the fast part of a split, :mod:`ensemble.md.respa`).
+    ``angular_values=False`` skips the angular features' values (x holds the pair features only):
+    the linear angular design columns need only the moments and radial values.
     """
     pos = np.ascontiguousarray(pos, dtype=float)
     box = np.asarray(box, dtype=float)
@@ -327,8 +330,8 @@ def frame_terms(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, spec: Featu
         return FrameTerms(phi, start, nb, geo, g, None)
     if cutoff <= 0 and not given:   # paper-mode pairs: the angular list its own candidates within its cutoff
         pairs = neighbour_pairs(pos, box, arr.cutoff)
-    ang = angular_frame(pos, box, codes, arr, pairs=pairs)
-    return FrameTerms(np.concatenate([phi, ang.x], axis=1), start, nb, geo, g, ang)
+    ang = angular_frame(pos, box, codes, arr, pairs=pairs, values=angular_values)
+    return FrameTerms(np.concatenate([phi, ang.x], axis=1) if angular_values else phi, start, nb, geo, g, ang)
 
 
 def feature_forces(terms: FrameTerms, codes: np.ndarray, spec: FeatureSpec, dh: np.ndarray,

@@ -403,6 +403,31 @@ def test_conservative_rows_vanish_outside_each_species_support(water, cutoff, an
         assert (np.abs(zs[:, sup]).max(axis=0) > 0).all()
 
 
+def test_frame_terms_without_angular_values_give_the_same_linear_rows(water):
+    """frame_terms(angular_values=False), what the reduction uses for linear angular columns: the
+    pair features alone in x, the same moments and radial values, the same design rows; the
+    layouts whose quadratic columns need the angular values refuse it."""
+    from ensemble.fit.design import conservative_rows_blas
+
+    ds = water.isel(atom=slice(0, 120))
+    codes, _ = species_index(ds["species"].values, ["H", "O"])
+    pos, box = ds["positions"].values[0], np.diag(ds["cell"].values)
+    spec = FeatureSpec(2, WS, ANG, "pair", 4.9, 1.0)
+    full = frame_terms(pos, box, codes, spec)
+    lean = frame_terms(pos, box, codes, spec, angular_values=False)
+    assert full.x.shape == (120, spec.n_features) and lean.x.shape == (120, spec.p) and lean.ang.x.shape == (120, 0)
+    assert np.array_equal(lean.x, full.x[:, :spec.p]) and np.array_equal(lean.ang.t, full.ang.t)
+    assert np.array_equal(lean.ang.rad, full.ang.rad)
+    for legendre in (True, False):
+        a = conservative_rows_blas(full, codes, spec, np.zeros((360, 2 * spec.block)), legendre=legendre)
+        b = conservative_rows_blas(lean, codes, spec, np.zeros((360, 2 * spec.block)), legendre=legendre)
+        assert np.abs(a).max() > 1 and np.array_equal(a, b)
+    spec_q = FeatureSpec(2, WS, ANG, "pair+radial", 4.9, 1.0)
+    with pytest.raises(ValueError, match="angular_values=True"):
+        conservative_rows_blas(frame_terms(pos, box, codes, spec_q, angular_values=False), codes, spec_q,
+                               np.zeros((360, 2 * spec_q.block)))
+
+
 def test_reduction_with_degree_rows_equals_the_legendre_rows(monkeypatch):
     """accumulate_gram of the many-body conservative kind (rows per monomial degree, turned into
     Legendre orders per chunk; products over each species' support) equals the same reduction

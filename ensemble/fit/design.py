@@ -343,6 +343,9 @@ def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSp
     if not legendre and not degree_rows(spec):
         raise ValueError("conservative rows per monomial degree (legendre=False) need angular features that no "
                          f"quadratic column involves; got quadratic={spec.quadratic!r}, angular={spec.angular}")
+    if terms.x.shape[1] < (spec.n_features if qj.size and max(qj.max(), ql.max()) >= p else p):
+        raise ValueError(f"conservative rows: the frame's features have {terms.x.shape[1]} columns, the layout's "
+                         f"quadratic columns need {spec.n_features} (frame_terms(..., angular_values=True))")
     if qj.size and max(qj.max(), ql.max()) >= p:
         full = conservative_feature_rows(terms, codes, spec)
         for s in range(spec.n_species):

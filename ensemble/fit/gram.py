@@ -35,7 +35,8 @@ from numba import njit
 from ..features import FeatureSpec, frame_terms
 from ..invariants import (WeightSet, _weight, check_cutoff, invariants_frames, neighbour_pairs, orthorhombic_box,
                           pair_geometry, species_index)
-from .design import agent_feature_rows, conservative_rows_blas, degree_rows, legendre_gram, support_colmap
+from .design import (agent_feature_rows, conservative_rows_blas, degree_rows, legendre_gram,
+                     support_colmap)
 from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 
 __all__ = ["Splits", "GramSet", "SpeciesFit", "JointFit", "frame_splits", "n_columns", "quadratic_index", "agent_design",
@@ -340,7 +341,7 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
             off = np.concatenate([[0], np.cumsum(len(sel) * 3 * counts)])
             zs = [zbuf[off[s]:off[s + 1], :keep[s].size] for s in range(s_n)]
             for q, t in enumerate(sel):
-                terms = frame_terms(pos[t], box[t], codes, spec)
+                terms = frame_terms(pos[t], box[t], codes, spec, angular_values=not degrees)
                 y = np.array(target[t], dtype=float)
                 if prior is not None:
                     fp = prior_energy_forces(pos[t], box[t], codes, prior[0], prior[1], prior[2],
