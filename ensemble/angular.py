@@ -38,7 +38,8 @@ from numba import njit
 
 import xarray as xr
 
-from .invariants import _distance2, check_cutoff, neighbour_pairs, orthorhombic_box, pair_geometry, species_index
+from .invariants import (_distance2, check_cutoff, neighbour_pairs, orthorhombic_box, pair_geometry,
+                         smooth_cutoff, species_index)
 
 __all__ = ["AngularBasis", "AngularArrays", "AngularFrame", "default_angular_basis", "angular_frame",
            "angular_features", "angular_jacobian", "angular_self_gradient",
@@ -246,6 +247,40 @@ def neighbour_csr(pairs, pos, box, cutoff, width, n):
             geo[e, 4] = fc
             geo[e, 5] = dfc
     return start, nb, geo
+
+
+@njit(cache=True)
+def csr_within(start, nb, geo, cutoff, width):
+    """The entries of a CSR list (:func:`neighbour_csr`) closer than ``cutoff`` (> 0), with the switch
+    of ``cutoff`` and ``width``: what :func:`neighbour_csr` gives for the same candidate pairs, without
+    their geometry again (the same entries, order and values)."""
+    n = start.shape[0] - 1
+    c2 = cutoff * cutoff
+    out_start = np.zeros(n + 1, np.int64)
+    keep = np.empty(start[n], np.bool_)
+    for e in range(start[n]):
+        keep[e] = geo[e, 0] * geo[e, 0] + geo[e, 1] * geo[e, 1] + geo[e, 2] * geo[e, 2] < c2
+    for k in range(n):
+        m = 0
+        for e in range(start[k], start[k + 1]):
+            m += keep[e]
+        out_start[k + 1] = out_start[k] + m
+    out_nb = np.empty(out_start[n], np.int64)
+    out_geo = np.empty((out_start[n], 6))
+    f = 0
+    for e in range(start[n]):
+        if keep[e]:
+            out_nb[f] = nb[e]
+            r = geo[e, 3]
+            fc, dfc = smooth_cutoff(r, cutoff, width)
+            out_geo[f, 0] = geo[e, 0]
+            out_geo[f, 1] = geo[e, 1]
+            out_geo[f, 2] = geo[e, 2]
+            out_geo[f, 3] = r
+            out_geo[f, 4] = fc
+            out_geo[f, 5] = dfc
+            f += 1
+    return out_start, out_nb, out_geo
 
 
 _FAST = {"reassoc", "contract"}       # let LLVM vectorise the dot products over monomials
@@ -1173,17 +1208,22 @@ class AngularFrame:
 
 
 def angular_frame(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, arr: AngularArrays,
-                  pairs: np.ndarray | None = None, values: bool = True) -> AngularFrame:
+                  pairs: np.ndarray | None = None, values: bool = True, csr: tuple | None = None) -> AngularFrame:
     """Angular features of one frame (positions (N, 3) Å, orthorhombic box (3,) Å, species codes (N,)).
 
     ``pairs``: candidate pairs (k < i) that include every pair within the cutoff (default: cell lists).
+    ``csr``: instead, a CSR list (start, nb, geo) of :func:`neighbour_csr` that reaches at least the
+    cutoff, whose nearer entries are taken (:func:`csr_within`).
     ``values=False``: the frame's ``x`` is (N, 0), for users of the linear design columns only.
     """
     pos = np.ascontiguousarray(pos, dtype=float)
     box = np.asarray(box, dtype=float)
-    if pairs is None:
-        pairs = neighbour_pairs(pos, box, arr.cutoff)
-    start, nb, geo = neighbour_csr(pairs, pos, box, arr.cutoff, arr.width, pos.shape[0])
+    if csr is not None:
+        start, nb, geo = csr_within(*csr, arr.cutoff, arr.width)
+    else:
+        if pairs is None:
+            pairs = neighbour_pairs(pos, box, arr.cutoff)
+        start, nb, geo = neighbour_csr(pairs, pos, box, arr.cutoff, arr.width, pos.shape[0])
     codes = np.ascontiguousarray(codes)
     x, t, _, rad = angular_features(start, nb, geo, codes, values, *arr.args())
     return AngularFrame(x, start, nb, geo, t, rad, codes, arr)

@@ -330,7 +330,9 @@ def frame_terms(pos: np.ndarray, box: np.ndarray, codes: np.ndarray, spec: Featu
         return FrameTerms(phi, start, nb, geo, g, None)
     if cutoff <= 0 and not given:   # paper-mode pairs: the angular list its own candidates within its cutoff
         pairs = neighbour_pairs(pos, box, arr.cutoff)
-    ang = angular_frame(pos, box, codes, arr, pairs=pairs, values=angular_values)
+    # the pair list reaching as far: its nearer entries, not the geometry again
+    csr = (start, nb, geo) if 0 < arr.cutoff <= cutoff else None
+    ang = angular_frame(pos, box, codes, arr, pairs=pairs, values=angular_values, csr=csr)
     return FrameTerms(np.concatenate([phi, ang.x], axis=1) if angular_values else phi, start, nb, geo, g, ang)
 
 

@@ -137,16 +137,23 @@ def pair_geometry(k, i, pos, box, cutoff, width):
     """
     dx, dy, dz = _minimum_image(k, i, pos, box)
     r = np.sqrt(dx * dx + dy * dy + dz * dz)
+    if cutoff > 0.0 and r >= cutoff:
+        return False, dx, dy, dz, r, 0.0, 0.0
+    fc, dfc = smooth_cutoff(r, cutoff, width)
+    return True, dx, dy, dz, r, fc, dfc
+
+
+@njit(cache=True, inline="always")
+def smooth_cutoff(r, cutoff, width):
+    """fc(r) and dfc/dr for r below ``cutoff`` (1 and 0 when ``cutoff`` <= 0, paper mode)."""
     fc = 1.0
     dfc = 0.0
     if cutoff > 0.0:
-        if r >= cutoff:
-            return False, dx, dy, dz, r, 0.0, 0.0
         x = (r - (cutoff - width)) / width
         if x > 0.0:
             fc = 1.0 - x * x * (3.0 - 2.0 * x)
             dfc = -6.0 * x * (1.0 - x) / width
-    return True, dx, dy, dz, r, fc, dfc
+    return fc, dfc
 
 
 @njit(cache=True)

@@ -176,6 +176,29 @@ def test_cell_lists_equal_all_pairs_and_features_are_smooth_at_the_cutoff():
     assert_allclose(angular_frame(three, np.full(3, 20.0), sp, arr).x[0], gone, rtol=0, atol=0)
 
 
+def test_a_longer_csr_list_filtered_equals_its_own_list():
+    """csr_within on a list built with a longer cutoff gives, bitwise, the list neighbour_csr builds
+    for the angular cutoff from the same candidate pairs (entries, order, geometry, switch), and
+    angular_frame from it the same features; the candidates include pairs right at the cutoff."""
+    from ensemble.angular import csr_within, neighbour_csr
+    from ensemble.invariants import neighbour_pairs
+
+    pos, box, species = random_cluster(40, 10.0, seed=3)
+    pos[1] = pos[0] + [BASIS.cutoff_angstrom, 0.0, 0.0]               # exactly at the cutoff: left out
+    pos[2] = pos[0] + [0.0, BASIS.cutoff_angstrom - 1e-12, 0.0]       # just inside
+    pos %= box
+    arr = BASIS.arrays(2)
+    pairs = neighbour_pairs(pos, box, 4.9)
+    longer = neighbour_csr(pairs, pos, box, 4.9, 1.0, 40)
+    want = neighbour_csr(pairs, pos, box, arr.cutoff, arr.width, 40)
+    got = csr_within(*longer, arr.cutoff, arr.width)
+    assert want[0][-1] < longer[0][-1]
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert np.array_equal(angular_frame(pos, box, species, arr, csr=longer).x,
+                          angular_frame(pos, box, species, arr, pairs=pairs).x)
+
+
 def test_dataset_wrapper_is_lazy_and_matches_the_kernel():
     import dask
     import xarray as xr
