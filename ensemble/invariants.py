@@ -232,10 +232,14 @@ def neighbour_pairs(pos, box, cutoff):
 @njit(cache=True)
 def pairs_within(pos, box, cutoff):
     """Every unordered pair (k < i) closer than ``cutoff`` (minimum image), sorted by k, then i:
-    int64 (n_pairs, 2). Cell lists when there are >= 3 cells per edge, else all pairs; distances
-    are checked here, one atom's candidates at a time."""
+    int64 (n_pairs, 2). Cell lists when there are >= 3 cells per edge and more than the 27 an atom
+    looks at (3 x 3 x 3 cells would visit every atom, in linked-list order and sorted after: the
+    plain loop is twice as fast), else all pairs; distances are checked here, one atom's candidates
+    at a time."""
     n = pos.shape[0]
     cells = not (box[0] < 3 * cutoff or box[1] < 3 * cutoff or box[2] < 3 * cutoff)
+    if cells:
+        cells = int(box[0] // cutoff) * int(box[1] // cutoff) * int(box[2] // cutoff) > 27
     if cells:
         head, nxt, cell_of, nc = build_cells(pos, box, cutoff)
     else:
@@ -307,7 +311,7 @@ def invariants_frame(pos, box, species, n_species, kinds, params, cutoff, width)
     m = kinds.shape[0]
     phi = np.zeros((n, n_species, m))
     grad = np.zeros((n, n_species, m, 3))
-    # cell lists pay off with >= 3 cells per edge; otherwise every image pair is checked
+    # a pair list (cell lists where they pay off, pairs_within) with >= 3 cells per edge; else every image pair
     if cutoff > 0.0 and box[0] >= 3 * cutoff and box[1] >= 3 * cutoff and box[2] >= 3 * cutoff:
         pairs = neighbour_pairs(pos, box, cutoff)
         for q in range(pairs.shape[0]):

@@ -38,7 +38,7 @@ def frame():
 
 @pytest.mark.parametrize("cutoff", [None, 6.0, 5.0])
 def test_conservative_forces_are_minus_energy_gradient_and_sum_to_zero(frame, cutoff):
-    # 5 Å gives 3 cells per edge of the 15.64 Å box: the cell-list path; 6 Å checks all pairs
+    # 5 Å: a pair list (3 cells per edge of the 15.64 Å box, checked as all pairs); 6 Å: the direct loop
     model = random_model("conservative", cutoff=cutoff)
     full = load_default().isel(frame=0)
     pos = full["positions"].values if cutoff == 5.0 else frame["positions"].values[0]
