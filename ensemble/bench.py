@@ -233,7 +233,7 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     # the reduction's layout (_gram_chunk_features): one buffer, species by species, touched once (as
     # the reused buffer is); conservative rows hold the target, then only the species' support
     if kind == "conservative":
-        colmap, support = support_colmap(spec, first=1)
+        colmap, support = support_colmap(spec, first=1, drop=spec.conservative_twins()[0])
         keep = [np.append(c, sup) for sup in support]
     else:
         keep = [np.arange(c + 1)] * s_n
@@ -338,7 +338,7 @@ def bench_gram_kinds(n_frames: int = 8) -> list[dict]:
           "the paper-mode agent fit itself uses the tuned path measured first)")
     share = ", ".join(f"{r['features']} {r['product_flop_share']:.0%}" for r in out if r["kind"] == "conservative")
     print(f"  (rates count the full Gram's flops; the conservative products skip the columns zero by construction "
-          f"in each species' rows and do {share} of them)")
+          f"in each species' rows and the twins of other columns, and do {share} of them)")
     return out
 
 

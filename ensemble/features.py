@@ -126,6 +126,22 @@ class FeatureSpec:
                 out[first + c * nl:first + (c + 1) * nl, [a, b]] = True
         return out
 
+    def conservative_twins(self) -> tuple[np.ndarray, np.ndarray]:
+        """(twin, original) design columns of the conservative kind that are the same column: the
+        linear cross-species two-body terms of block s with source a < s (phi or rho) and those of
+        block a with source s, one pair sum counted from either end (:func:`ensemble.fit.gram.joint_columns`
+        fits the original only)."""
+        src = self.two_body_source()
+        m, nr = len(self.weights), (self.angular.n_radial if self.angular is not None else 0)
+        twin, orig = [], []
+        for s in range(self.n_species):
+            for f in np.flatnonzero((src >= 0) & (src < s)):
+                a = src[f]
+                size = m if f < self.p else nr            # phi groups of M weights, rho groups of N_r radials
+                twin.append(s * self.block + f)
+                orig.append(a * self.block + f + (s - a) * size)
+        return np.array(twin, dtype=np.int64), np.array(orig, dtype=np.int64)
+
     def conservative_support(self, s: int) -> np.ndarray:
         """Columns (of all S blocks, sorted) of the conservative design that can be nonzero in the rows
         of an atom of species s: all of its own block (its own features move with it), and in block

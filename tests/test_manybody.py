@@ -385,7 +385,8 @@ def test_degree_rows_turn_into_the_legendre_gram(water):
 def test_conservative_rows_vanish_outside_each_species_support(water, cutoff, angular, quadratic):
     """The Gram reduction multiplies only FeatureSpec.conservative_support(s) of species s's rows:
     on real rows every other column is exactly zero, no column inside it is, and it leaves out part
-    of the other species' block (the features an atom of s does not move as a neighbour)."""
+    of the other species' block (the features an atom of s does not move as a neighbour). It also
+    copies the twins (conservative_twins) instead of multiplying them: they equal their originals."""
     from ensemble.fit.design import conservative_rows_blas
 
     ds = water.isel(atom=slice(0, 120))
@@ -401,6 +402,11 @@ def test_conservative_rows_vanish_outside_each_species_support(water, cutoff, an
         zs = z[at]
         assert not np.delete(zs, sup, axis=1).any()
         assert (np.abs(zs[:, sup]).max(axis=0) > 0).all()
+    # twins: the cross-species two-body columns of one block equal their originals in the other
+    twin, orig = spec.conservative_twins()
+    assert twin.size == len(WS) + (ANG.n_radial if angular else 0)      # phi[H] / phi[O] weights, rho radials
+    assert np.array_equal(z[:, twin], z[:, orig]) and np.abs(z[:, twin]).max() > 0
+    assert (twin >= spec.block).all() and (orig < spec.block).all()
 
 
 def test_frame_terms_without_angular_values_give_the_same_linear_rows(water):

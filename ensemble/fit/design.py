@@ -361,12 +361,13 @@ def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSp
     return out
 
 
-def support_colmap(spec: FeatureSpec, first: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+def support_colmap(spec: FeatureSpec, first: int = 0, drop=()) -> tuple[np.ndarray, list[np.ndarray]]:
     """A column map for :func:`conservative_rows_blas` that writes each species' support
-    (:meth:`FeatureSpec.conservative_support`) compactly from column ``first`` on, and the supports."""
+    (:meth:`FeatureSpec.conservative_support`) but the columns ``drop`` compactly from column
+    ``first`` on, and the columns written."""
     width = spec.n_species * spec.block
     colmap = np.full((spec.n_species, width), -1, dtype=np.int64)
-    support = [spec.conservative_support(s) for s in range(spec.n_species)]
+    support = [np.setdiff1d(spec.conservative_support(s), drop) for s in range(spec.n_species)]
     for s, sup in enumerate(support):
         colmap[s, sup] = first + np.arange(sup.size)
     return colmap, support

@@ -317,10 +317,12 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     # the columns of species s's rows, as indices into the Gram matrix (keep[s]): the agent kind's
     # block and target; for the conservative kind the target first, then only the columns of
     # spec.conservative_support(s), the others being zero by construction in those rows (598 of
-    # 698 design columns for the many-body default, 1215 of 1404 in paper mode), written there
-    # compactly by the row kernels (colmap)
+    # 698 design columns for the many-body default, 1215 of 1404 in paper mode), less the twins
+    # of other columns (the cross-species two-body terms counted from either species, copied after),
+    # written there compactly by the row kernels (colmap)
+    twin, orig = spec.conservative_twins() if kind == "conservative" else (np.empty(0, int), np.empty(0, int))
     if kind == "conservative":
-        colmap, support = support_colmap(spec, first=1)
+        colmap, support = support_colmap(spec, first=1, drop=twin)
         keep = [np.append(c, sup) for sup in support]
     else:
         keep = [np.arange(c + 1)] * s_n
@@ -362,7 +364,10 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
                 acc = sums.setdefault((s, sp), np.zeros_like(prods[s]))
                 acc += np.matmul(zs[s].T, zs[s], out=prods[s])
     for (s, sp), acc in sums.items():
-        out[0, s, sp][np.ix_(keep[s], keep[s])] = acc
+        g = out[0, s, sp]
+        g[np.ix_(keep[s], keep[s])] = acc
+        g[twin, :] = g[orig, :]
+        g[:, twin] = g[:, orig]
     for sp in sorted({sp for _, sp in sums}) if degrees else ():
         out[0, :, sp] = legendre_gram(out[0, :, sp], spec)
     return out
