@@ -450,13 +450,13 @@ def angular_features(start, nb, geo, species, values, n_species, mu, sigma, cuto
 @njit(cache=True)
 def _contraction_scratch(start, n_species, nr, l_max, nm):
     """Work arrays of :func:`_centre_contractions` for the centres of a CSR list (allocated once per
-    kernel call): tkt, pw, um, dum, cf, gg, uu, g1, g2."""
+    kernel call): tkt, pe, cf, gg, uu, g1, g2."""
     nl = l_max + 1
     sb = n_species * nr
     most = 1
     for k in range(start.shape[0] - 1):
         most = max(most, start[k + 1] - start[k])
-    return (np.empty((nm, sb)), np.empty((3, l_max + 2)), np.empty(nm), np.empty((3, nm)), np.empty((nm, 4 * most)),
+    return (np.empty((nm, sb)), np.empty((3, max(l_max + 2, 3), most)), np.empty((nm, 4 * most)),
             np.empty((nl, sb, 4 * most)), np.empty((most, 4)), np.empty((most, sb * 3 * nl)),
             np.empty((most, sb * 3 * nl)))
 
@@ -473,8 +473,7 @@ def _transpose_moments(tk, tkt):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, pw, um, dum, cf, gg, uu,
-                         g1, g2):
+def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, pe, cf, gg, uu, g1, g2):
     """The per-entry factors every angular derivative of a centre's features is made of, for the
     centre's entries e0 .. e1 - 1 (d = q_k - q_nb[e], ``tkt`` = k's moments from
     :func:`_transpose_moments`), per (species b, radial m) of the moment contracted with and monomial
@@ -485,8 +484,10 @@ def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, m
 
     The entries are the inner (vectorised) dimension of the moment contraction, packed per centre:
     cf[alpha, q E + t] holds the weighted monomials (q = 0) and their gradients (q = 1..3) of entry
-    t, gg[p, (b, m), q E + t] the contractions per degree, each row built while it stays in cache
-    (one saxpy of length 4 E per monomial of that degree; monomials are stored by degree). Writes
+    t, built from the powers pe[c, a + 1, t] = u_c^a of all entries (pe[c, 0] = 0, so the derivative
+    a u^(a - 1) needs no branch), gg[p, (b, m), q E + t] the contractions per degree, each row built
+    while it stays in cache (one saxpy of length 4 E per monomial of that degree; monomials are
+    stored by degree). Writes
     uu (E, 4) = (u, r) and g1, g2 (E, S N_r x 3 (l_max + 1)), index (b N_r + m) 3 (l_max + 1) + 3 p +
     xyz, row by row of gg."""
     nm = mono.shape[0]
@@ -496,20 +497,35 @@ def _centre_contractions(e0, e1, tkt, geo, n_species, nr, l_max, mono, mono_p, m
     for t in range(ne):
         e = e0 + t
         r = geo[e, 3]
-        u0 = geo[e, 0] / r
-        u1 = geo[e, 1] / r
-        u2 = geo[e, 2] / r
-        uu[t, 0] = u0
-        uu[t, 1] = u1
-        uu[t, 2] = u2
         uu[t, 3] = r
-        _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
-        for tt in range(nm):
-            w = mono_w[tt]
-            cf[tt, t] = w * um[tt]
-            cf[tt, ne + t] = w * dum[0, tt]
-            cf[tt, 2 * ne + t] = w * dum[1, tt]
-            cf[tt, 3 * ne + t] = w * dum[2, tt]
+        for c in range(3):
+            u = geo[e, c] / r
+            uu[t, c] = u
+            pe[c, 0, t] = 0.0
+            pe[c, 1, t] = 1.0
+            pe[c, 2, t] = u
+    for c in range(3):
+        for a in range(3, l_max + 2):
+            for t in range(ne):
+                pe[c, a, t] = pe[c, a - 1, t] * pe[c, 2, t]
+    for tt in range(nm):                     # entries contiguous: vectorised over t
+        a = mono[tt, 0]
+        b = mono[tt, 1]
+        c = mono[tt, 2]
+        w = mono_w[tt]
+        xa = pe[0, a + 1]
+        xb = pe[1, b + 1]
+        xc = pe[2, c + 1]
+        da = pe[0, a]
+        db = pe[1, b]
+        dc = pe[2, c]
+        row = cf[tt]
+        for t in range(ne):
+            bc = xb[t] * xc[t]
+            row[t] = w * xa[t] * bc
+            row[ne + t] = (w * a) * da[t] * bc
+            row[2 * ne + t] = (w * b) * xa[t] * db[t] * xc[t]
+            row[3 * ne + t] = (w * c) * xa[t] * xb[t] * dc[t]
     w4 = 4 * ne
     for p in range(nl):
         t0 = p * (p + 1) * (p + 2) // 6
@@ -611,15 +627,15 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
     nr = mu.shape[0]
     q = n_species * nr + channels.shape[0] * (l_max + 1)
     jac = np.zeros((start[n], q, 3))
-    tkt, pw, um, dum, cf, gg, uu, g1, g2 = _contraction_scratch(start, n_species, nr, l_max, mono.shape[0])
+    tkt, pe, cf, gg, uu, g1, g2 = _contraction_scratch(start, n_species, nr, l_max, mono.shape[0])
     g1l = np.empty_like(g1)                  # g1, g2 per Legendre order
     g2l = np.empty_like(g2)
     je = np.zeros((3, q))
     rel = relevant_features(n_species, nr, l_max, channels)
     for k in range(n):
         _transpose_moments(t_all[k], tkt)
-        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, pw, um,
-                             dum, cf, gg, uu, g1, g2)
+        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, pe, cf,
+                             gg, uu, g1, g2)
         _legendre_rows(g1[:start[k + 1] - start[k]], leg, l_max + 1, g1l)
         _legendre_rows(g2[:start[k + 1] - start[k]], leg, l_max + 1, g2l)
         for e in range(start[k], start[k + 1]):
@@ -815,7 +831,7 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
     own_r = np.empty((n_species, nr, 3))
     own_f = np.zeros((n, 3, q))
     xl = np.empty((nr, wx))
-    tkt, pw, um, dum, cf, gg, uu, g1, g2 = _contraction_scratch(start, n_species, nr, l_max, mono.shape[0])
+    tkt, pe, cf, gg, uu, g1, g2 = _contraction_scratch(start, n_species, nr, l_max, mono.shape[0])
     for k in range(n):
         if start[k] == start[k + 1]:
             continue
@@ -824,8 +840,8 @@ def angular_design_scatter(start, nb, geo, species, t_all, rad_all, n_pair, bloc
         own_d[:, :, :, :] = 0.0
         own_r[:, :, :] = 0.0
         _transpose_moments(t_all[k], tkt)
-        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, pw, um,
-                             dum, cf, gg, uu, g1, g2)
+        _centre_contractions(start[k], start[k + 1], tkt, geo, n_species, nr, l_max, mono, mono_p, mono_w, pe, cf,
+                             gg, uu, g1, g2)
         for e in range(start[k], start[k + 1]):
             i = nb[e]
             si = species[i]
