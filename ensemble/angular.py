@@ -431,17 +431,59 @@ def angular_features(start, nb, geo, species, values, n_species, mu, sigma, cuto
     t_all = np.zeros((n, n_species, nr, nm))
     dg_all = np.zeros((n, n_species, nr, nr))
     rad_all = np.empty((start[n], 2, nr))
-    um = np.empty((1, nm))
-    pw = np.empty((3, l_max + 2))
     s_p = np.empty(nl + nm)
+    # a centre's entries as the vectorised dimension: powers pe[c, a, t] = u_c^a, monomials
+    # um[alpha, t], radial values per species ra[a, n, t] (zero for other species), then
+    # T[a, n, alpha] and Dg[a, n, m] as dot products over the entries
+    most = 1
     for k in range(n):
+        most = max(most, start[k + 1] - start[k])
+    pe = np.empty((3, l_max + 1, most))
+    um = np.empty((nm, most))
+    ra = np.empty((n_species, nr, most))
+    for k in range(n):
+        e0 = start[k]
+        ne = start[k + 1] - e0
         tk = t_all[k]
         dgk = dg_all[k]
-        for e in range(start[k], start[k + 1]):
+        ra[:, :, :ne] = 0.0
+        for t in range(ne):
+            e = e0 + t
             r = geo[e, 3]
             _radial(mu, sigma, r, geo[e, 4], geo[e, 5], rad_all, e)
-            _monomial_values(geo[e, 0] / r, geo[e, 1] / r, geo[e, 2] / r, l_max, mono, pw, um, 0)
-            _add_moments(rad_all, e, um, 0, tk, dgk, species[nb[e]])
+            a = species[nb[e]]
+            for nn in range(nr):
+                ra[a, nn, t] = rad_all[e, 0, nn]
+            for c in range(3):
+                pe[c, 0, t] = 1.0
+                if l_max > 0:
+                    pe[c, 1, t] = geo[e, c] / r
+        for c in range(3):
+            for d in range(2, l_max + 1):
+                for t in range(ne):
+                    pe[c, d, t] = pe[c, d - 1, t] * pe[c, 1, t]
+        for tt in range(nm):
+            xa = pe[0, mono[tt, 0]]
+            xb = pe[1, mono[tt, 1]]
+            xc = pe[2, mono[tt, 2]]
+            row = um[tt]
+            for t in range(ne):
+                row[t] = xa[t] * xb[t] * xc[t]
+        for a in range(n_species):
+            for nn in range(nr):
+                w = ra[a, nn]
+                for tt in range(nm):
+                    row = um[tt]
+                    v = 0.0
+                    for t in range(ne):
+                        v += w[t] * row[t]
+                    tk[a, nn, tt] = v
+                for mm in range(nr):
+                    row = ra[a, mm]
+                    v = 0.0
+                    for t in range(ne):
+                        v += w[t] * row[t]
+                    dgk[a, nn, mm] = v
         if values:
             _centre_features(tk, dgk, n_species, l_max, mono_p, mono_w, leg, channels, s_p, x[k])
     return x, t_all, dg_all, rad_all
