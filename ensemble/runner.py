@@ -310,7 +310,9 @@ def run_member(member: Member, out: str, window_fs: float = 100.0, checkpoint_ev
     half-written store never appears under the final name. If a run of this member was
     interrupted (its worker died), it continues from that store's last checkpoint (the summary's
     ``resumed_from_step``; the store's ``resumed_from_steps`` lists every resume) and the
-    trajectory is bitwise the one an uninterrupted run writes. A run the model blows up keeps its
+    trajectory is bitwise the one an uninterrupted run writes. A member whose simulation finished
+    but whose worker died before its summary is analysed, not rerun; its summary's
+    ``resumed_from_step`` is still the store's last resume. A run the model blows up keeps its
     store (status ``failed: ...``, frames up to the failure) and is analysed like any other. Any
     other error propagates (the runner records it).
     """
@@ -379,6 +381,14 @@ def _finished_store(store: Path, member: Member) -> str | None:
     return None
 
 
+def _last_resume(store: Path) -> int | None:
+    """The step a finished store's run last continued from (None: it ran in one go)."""
+    import zarr
+
+    resumes = zarr.open_group(store, mode="r").attrs.get("resumed_from_steps", [])
+    return int(resumes[-1]) if resumes else None
+
+
 def _promote(running: Path, final: Path) -> None:
     """Rename a finished in-progress store to its final name (an older store there is replaced)."""
     if final.exists():
@@ -439,8 +449,10 @@ def _run_member(member: Member, out: Path, window_fs: float, checkpoint_every: i
         except SimulationError as exc:       # the model blew up: keep what was written, status failed
             status, error = "failed", str(exc)
         _promote(running, paths["store"])
-    elif status != "complete":
-        status, error = "failed", status.removeprefix("failed: ")
+    else:
+        resumed = _last_resume(paths["store"])      # the summary still says where that run last continued
+        if status != "complete":
+            status, error = "failed", status.removeprefix("failed: ")
     if status == "complete" and steps_done is None:
         steps_done = member.steps
     sim_s = time.perf_counter() - t0

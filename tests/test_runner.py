@@ -277,8 +277,12 @@ def test_an_interrupted_member_continues_from_its_checkpoint_bitwise(tmp_path, r
     for name in ("positions", "velocities", "thermo_conserved", "step"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
 
-    # a member simulated to the end whose worker died before its summary: analysed, not rerun
+    # a member simulated to the end whose worker died before its summary: analysed, not rerun, and
+    # its summary still says where the simulation continued from (a batch job that only analyses)
     (out / "members" / f"{m.id}.json").unlink()
     mtime = store.stat().st_mtime_ns
     again = run_member(m, str(out), 100.0, 100)
-    assert again["status"] == "complete" and again["resumed_from_step"] is None and store.stat().st_mtime_ns == mtime
+    assert again["status"] == "complete" and store.stat().st_mtime_ns == mtime
+    assert again["resumed_from_step"] == summary["resumed_from_step"]
+    (tmp_path / "serial" / "members" / f"{m.id}.json").unlink()
+    assert run_member(m, str(tmp_path / "serial"), 100.0, 1000)["resumed_from_step"] is None
