@@ -214,7 +214,8 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     otherwise the paper's 18 weight functions (paper mode, or cutoff 4.9 Å)."""
     from .data import load_default
     from .features import frame_terms
-    from .fit.design import agent_feature_rows, conservative_rows_blas, degree_rows, support_colmap
+    from .fit.design import agent_feature_rows, conservative_rows_blas, degree_rows
+    from .fit.gram import _row_layout
     from .invariants import species_index
 
     ds = load_default().isel(frame=slice(0, n_frames))
@@ -232,11 +233,7 @@ def _kind_phases(kind: str, angular: bool, n_frames: int = 8, paper_mode: bool =
     atoms = [np.flatnonzero(codes == s) for s in range(s_n)]
     # the reduction's layout (_gram_chunk_features): one buffer, species by species, touched once (as
     # the reused buffer is); conservative rows hold the target, then only the species' support
-    if kind == "conservative":
-        colmap, support = support_colmap(spec, first=1, drop=spec.conservative_twins()[0])
-        keep = [np.append(c, sup) for sup in support]
-    else:
-        keep = [np.arange(c + 1)] * s_n
+    colmap, keep, _, _ = _row_layout(spec, kind)
     zall = np.zeros((n_frames * 3 * n, max(k.size for k in keep)))
     zall.fill(0.0)
     off = np.concatenate([[0], np.cumsum([n_frames * 3 * a.size for a in atoms])])

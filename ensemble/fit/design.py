@@ -278,11 +278,16 @@ def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_fe
                             out)
 
 
+def _quadratic_angular(spec: FeatureSpec) -> bool:
+    """Whether some quadratic column involves angular features."""
+    qj, ql = spec.quadratic_pairs()
+    return bool(qj.size) and max(qj.max(), ql.max()) >= spec.p
+
+
 def degree_rows(spec: FeatureSpec) -> bool:
     """Whether :func:`conservative_rows_blas` can write the angular psi columns per monomial degree
     (``legendre=False``): the spec has angular features and no quadratic column involves them."""
-    qj, ql = spec.quadratic_pairs()
-    return spec.angular is not None and not (qj.size and max(qj.max(), ql.max()) >= spec.p)
+    return spec.angular is not None and not _quadratic_angular(spec)
 
 
 def legendre_gram(g: np.ndarray, spec: FeatureSpec) -> np.ndarray:
@@ -294,7 +299,7 @@ def legendre_gram(g: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     O(C^2 (l_max + 1)) once per Gram matrix instead of the Legendre sums in every frame's rows."""
     ang = spec.angular
     nl = ang.l_max + 1
-    leg = ang.arrays(spec.n_species).leg
+    leg = spec.angular_arrays().leg                          # cached on the spec
     first = spec.p + spec.n_species * ang.n_radial           # the first psi column of a species block
     width = len(ang.channels(spec.n_species)) * nl           # its psi columns, channel-major, nl orders each
     if g.shape[-1] != g.shape[-2] or g.shape[-1] < spec.n_species * spec.block:
@@ -343,10 +348,11 @@ def conservative_rows_blas(terms: FrameTerms, codes: np.ndarray, spec: FeatureSp
     if not legendre and not degree_rows(spec):
         raise ValueError("conservative rows per monomial degree (legendre=False) need angular features that no "
                          f"quadratic column involves; got quadratic={spec.quadratic!r}, angular={spec.angular}")
-    if terms.x.shape[1] < (spec.n_features if qj.size and max(qj.max(), ql.max()) >= p else p):
+    fallback = _quadratic_angular(spec)
+    if terms.x.shape[1] < (spec.n_features if fallback else p):
         raise ValueError(f"conservative rows: the frame's features have {terms.x.shape[1]} columns, the layout's "
                          f"quadratic columns need {spec.n_features} (frame_terms(..., angular_values=True))")
-    if qj.size and max(qj.max(), ql.max()) >= p:
+    if fallback:
         full = conservative_feature_rows(terms, codes, spec)
         for s in range(spec.n_species):
             atoms = np.flatnonzero(codes == s)

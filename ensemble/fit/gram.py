@@ -289,6 +289,25 @@ def _gram_chunk(pos, acc, box, split, *, codes, n_species, kinds, params, cutoff
     return out
 
 
+def _row_layout(spec: FeatureSpec, kind: str):
+    """Where the reduction writes each species' rows: (colmap, keep, twin, orig).
+
+    keep[s]: the Gram matrix's columns of species s's rows, in buffer order. The agent kind: its block
+    and the target. The conservative kind: the target first, then only the columns of
+    spec.conservative_support(s), the others being zero by construction in those rows (598 of 698
+    design columns for the many-body default, 1215 of 1404 in paper mode), less the twins of other
+    columns (the cross-species two-body terms counted from either species; their Gram rows and
+    columns are copied from ``orig``), written compactly by the row kernels through ``colmap``
+    (None for the agent kind)."""
+    s_n = spec.n_species
+    if kind != "conservative":
+        return None, [np.arange(spec.block + 1)] * s_n, np.empty(0, np.int64), np.empty(0, np.int64)
+    c = spec.block * s_n
+    twin, orig = spec.conservative_twins()
+    colmap, support = support_colmap(spec, first=1, drop=twin)
+    return colmap, [np.append(c, sup) for sup in support], twin, orig
+
+
 def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, batch, prior):
     """Augmented Gram matrices of one frame chunk for any feature spec: (1, S, 3, C + 1, C + 1).
 
@@ -314,18 +333,7 @@ def _gram_chunk_features(pos, target, box, split, *, codes, spec, scales, kind, 
     first = np.concatenate([[0], np.cumsum(counts)])
     # angular columns per monomial degree, turned into Legendre orders once per chunk (legendre_gram)
     degrees = kind == "conservative" and degree_rows(spec)
-    # the columns of species s's rows, as indices into the Gram matrix (keep[s]): the agent kind's
-    # block and target; for the conservative kind the target first, then only the columns of
-    # spec.conservative_support(s), the others being zero by construction in those rows (598 of
-    # 698 design columns for the many-body default, 1215 of 1404 in paper mode), less the twins
-    # of other columns (the cross-species two-body terms counted from either species, copied after),
-    # written there compactly by the row kernels (colmap)
-    twin, orig = spec.conservative_twins() if kind == "conservative" else (np.empty(0, int), np.empty(0, int))
-    if kind == "conservative":
-        colmap, support = support_colmap(spec, first=1, drop=twin)
-        keep = [np.append(c, sup) for sup in support]
-    else:
-        keep = [np.arange(c + 1)] * s_n
+    colmap, keep, twin, orig = _row_layout(spec, kind)
     # one row buffer and the products, allocated and touched once per chunk (fresh pages fault on
     # first touch, which costs as much as filling them). A batch of frames lies in it species by
     # species: species s's rows of all its frames are one block (zs[s]), frame q's at q * 3 n_s, so
