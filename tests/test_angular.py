@@ -199,6 +199,37 @@ def test_a_longer_csr_list_filtered_equals_its_own_list():
                           angular_frame(pos, box, species, arr, pairs=pairs).x)
 
 
+def test_csr_geometry_per_pair_equals_per_entry():
+    """neighbour_csr's two ways to the geometry (once per pair, its mirror negated; or entry by entry,
+    for many candidates) give bitwise the same list, pairs at and just inside the cutoff and periodic
+    images included; and it agrees with a direct minimum-image computation."""
+    from ensemble.angular import neighbour_csr
+    from ensemble.invariants import neighbour_pairs
+
+    pos, box, species = random_cluster(60, 9.0, seed=5)
+    pos[1] = pos[0] + [4.0, 0.0, 0.0]                    # exactly at the cutoff: left out
+    pos[2] = pos[0] + [0.0, 4.0 - 1e-12, 0.0]            # just inside
+    pos[3] = pos[0] + [0.0, 0.0, 8.5]                    # across the boundary: 0.5 Å through the image
+    pos %= box
+    pairs = neighbour_pairs(pos, box, 5.0)
+    for cutoff in (4.0, -1.0):
+        per_pair = neighbour_csr(pairs, pos, box, cutoff, 1.0, 60)
+        per_entry = neighbour_csr(pairs, pos, box, cutoff, 1.0, 60, 0)
+        for a, b in zip(per_pair, per_entry):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    start, nb, geo = neighbour_csr(pairs, pos, box, 4.0, 1.0, 60)
+    k = np.repeat(np.arange(60), np.diff(start))
+    d = pos[k] - pos[nb]
+    d -= box * np.round(d / box)
+    assert_allclose(geo[:, :3], d, rtol=0, atol=1e-12)
+    assert_allclose(geo[:, 3], np.linalg.norm(d, axis=1), rtol=1e-15)
+    assert np.all(geo[:, 3] < 4.0) and 1 not in nb[start[0]:start[1]] and 2 in nb[start[0]:start[1]]
+    assert 3 in nb[start[0]:start[1]] and geo[start[0] + list(nb[start[0]:start[1]]).index(3), 2] == pytest.approx(0.5)
+    x = (geo[:, 3] - 3.0) / 1.0                          # the switch over the last Å
+    fc = np.where(x > 0, 1 - x * x * (3 - 2 * x), 1.0)
+    assert_allclose(geo[:, 4], fc, rtol=0, atol=1e-14)
+
+
 def test_dataset_wrapper_is_lazy_and_matches_the_kernel():
     import dask
     import xarray as xr
