@@ -31,6 +31,7 @@ psi[S * N + channel * (l_max + 1) + l], channels (a <= b, n, m) in :meth:`Angula
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import factorial
 
 import numpy as np
@@ -46,6 +47,25 @@ __all__ = ["AngularBasis", "AngularArrays", "AngularFrame", "default_angular_bas
            "angular_design_scatter", "angular_vjp", "angular_linear_forces", "neighbour_csr", "angular_dataset"]
 
 COUPLINGS = ("diagonal", "all")
+
+
+@lru_cache(maxsize=None)
+def _channel_table(nr: int, couplings: str, n_species: int) -> np.ndarray:
+    """The channels of :meth:`AngularBasis.channels`, built once per layout (read-only: the layout
+    is asked for per frame)."""
+    out = []
+    for a in range(n_species):
+        for b in range(a, n_species):
+            for n in range(nr):
+                for m in range(nr):
+                    if couplings == "diagonal" and m != n:
+                        continue
+                    if a == b and m < n:
+                        continue
+                    out.append((a, b, n, m))
+    table = np.array(out, dtype=np.int64).reshape(-1, 4)
+    table.flags.writeable = False
+    return table
 
 
 @dataclass(frozen=True)
@@ -83,21 +103,11 @@ class AngularBasis:
 
     def channels(self, n_species: int) -> np.ndarray:
         """(n_channels, 4) int64 rows (a, b, n, m): species pairs a <= b, radial pairs (n, m)."""
-        nr = self.n_radial
-        out = []
-        for a in range(n_species):
-            for b in range(a, n_species):
-                for n in range(nr):
-                    for m in range(nr):
-                        if self.couplings == "diagonal" and m != n:
-                            continue
-                        if a == b and m < n:
-                            continue
-                        out.append((a, b, n, m))
-        return np.array(out, dtype=np.int64).reshape(-1, 4)
+        return _channel_table(self.n_radial, self.couplings, n_species).copy()
 
     def n_features(self, n_species: int) -> int:
-        return n_species * self.n_radial + len(self.channels(n_species)) * (self.l_max + 1)
+        n_channels = len(_channel_table(self.n_radial, self.couplings, n_species))
+        return n_species * self.n_radial + n_channels * (self.l_max + 1)
 
     def feature_labels(self, species: list[str] | tuple[str, ...]) -> list[str]:
         s = list(species)
