@@ -221,6 +221,17 @@ class AngularArrays:
 PAIR_GEOMETRY_MAX = 1 << 17
 
 
+@njit(cache=True, inline="always")
+def _put_geometry(geo, e, dx, dy, dz, r, fc, dfc):
+    """Row e of a geometry array: d (3), |d|, fc, dfc/dr."""
+    geo[e, 0] = dx
+    geo[e, 1] = dy
+    geo[e, 2] = dz
+    geo[e, 3] = r
+    geo[e, 4] = fc
+    geo[e, 5] = dfc
+
+
 @njit(cache=True)
 def neighbour_csr(pairs, pos, box, cutoff, width, n, pair_geometry_max=PAIR_GEOMETRY_MAX):
     """Both directions of the candidate pairs (k < i) closer than ``cutoff`` (all of them when
@@ -249,12 +260,7 @@ def neighbour_csr(pairs, pos, box, cutoff, width, n, pair_geometry_max=PAIR_GEOM
             if per_pair:              # as pair_geometry, from the same d
                 r = np.sqrt(r2)
                 fc, dfc = smooth_cutoff(r, cutoff, width) if cutoff <= 0.0 or r < cutoff else (0.0, 0.0)
-                pg[q, 0] = dx
-                pg[q, 1] = dy
-                pg[q, 2] = dz
-                pg[q, 3] = r
-                pg[q, 4] = fc
-                pg[q, 5] = dfc
+                _put_geometry(pg, q, dx, dy, dz, r, fc, dfc)
     for k in range(n):
         cnt[k + 1] += cnt[k]
     start = cnt.copy()
@@ -282,12 +288,7 @@ def neighbour_csr(pairs, pos, box, cutoff, width, n, pair_geometry_max=PAIR_GEOM
         for k in range(n):
             for e in range(start[k], start[k + 1]):
                 _, dx, dy, dz, r, fc, dfc = pair_geometry(k, nb[e], pos, box, cutoff, width)
-                geo[e, 0] = dx
-                geo[e, 1] = dy
-                geo[e, 2] = dz
-                geo[e, 3] = r
-                geo[e, 4] = fc
-                geo[e, 5] = dfc
+                _put_geometry(geo, e, dx, dy, dz, r, fc, dfc)
     return start, nb, geo
 
 
@@ -315,12 +316,7 @@ def csr_within(start, nb, geo, cutoff, width):
             out_nb[f] = nb[e]
             r = geo[e, 3]
             fc, dfc = smooth_cutoff(r, cutoff, width)
-            out_geo[f, 0] = geo[e, 0]
-            out_geo[f, 1] = geo[e, 1]
-            out_geo[f, 2] = geo[e, 2]
-            out_geo[f, 3] = r
-            out_geo[f, 4] = fc
-            out_geo[f, 5] = dfc
+            _put_geometry(out_geo, f, geo[e, 0], geo[e, 1], geo[e, 2], r, fc, dfc)
             f += 1
     return out_start, out_nb, out_geo
 
