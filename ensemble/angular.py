@@ -215,10 +215,12 @@ class AngularArrays:
 
 # --------------------------------------------------------------------------- kernels
 #: candidate pairs up to which :func:`neighbour_csr` computes each pair's geometry once and writes it
-#: to both of its entries; beyond, the geometry array no longer stays in cache and the mirror writes
-#: miss it, so each entry computes its own (per pair against per entry, measured: 384 atoms 0.19
-#: against 0.56 ms, 3072 atoms 3.7 against 6.0 ms; 24 576 atoms 83 against 67 ms)
-PAIR_GEOMETRY_MAX = 1 << 17
+#: to both of its entries; beyond, the geometry arrays no longer stay in cache and the mirror writes
+#: miss it, so each entry computes its own. Measured per pair against per entry: 384 atoms 0.20
+#: against 0.55 ms called alone, 0.5 against 0.65-0.7 ms inside the Gram reduction; 3072 atoms 2.5
+#: against 4.7 ms called alone, but 8.3 against 5.3 ms inside MD steps, whose force kernels evict
+#: the arrays between calls.
+PAIR_GEOMETRY_MAX = 1 << 15
 
 
 @njit(cache=True, inline="always")
