@@ -733,90 +733,145 @@ def angular_jacobian(start, nb, geo, species, t_all, rad_all, n_species, mu, sig
     return jac
 
 
+@njit(cache=True)
+def gradient_moment_tables(mono, l_max):
+    """Index tables of :func:`angular_self_gradient` over the monomials beta of degree <= l_max + 1,
+    ordered as ``mono`` (by degree, then the exponents of x and y descending, so the first
+    mono.shape[0] are ``mono``): up[c, alpha] = index of alpha + e_c and down[c, alpha] = index of
+    alpha - e_c (0 where alpha_c = 0) for the monomials alpha of ``mono``; par[beta], axis[beta]
+    such that u^beta = u^par[beta] u_axis[beta] (beta > 0)."""
+    lm1 = l_max + 1
+    n1 = (lm1 + 1) * (lm1 + 2) * (lm1 + 3) // 6
+    mono1 = np.zeros((n1, 3), np.int64)
+    lut = np.zeros((lm1 + 1, lm1 + 1, lm1 + 1), np.int64)
+    t = 0
+    for p in range(lm1 + 1):
+        for a in range(p, -1, -1):
+            for b in range(p - a, -1, -1):
+                mono1[t, 0] = a
+                mono1[t, 1] = b
+                mono1[t, 2] = p - a - b
+                lut[a, b, p - a - b] = t
+                t += 1
+    up = np.zeros((3, mono.shape[0]), np.int64)
+    down = np.zeros((3, mono.shape[0]), np.int64)
+    e = np.zeros(3, np.int64)
+    for t in range(mono.shape[0]):
+        for c in range(3):
+            e[:] = mono[t]
+            e[c] += 1
+            up[c, t] = lut[e[0], e[1], e[2]]
+            if mono[t, c] > 0:
+                e[c] -= 2
+                down[c, t] = lut[e[0], e[1], e[2]]
+    par = np.zeros(n1, np.int64)
+    axis = np.zeros(n1, np.int64)
+    for t in range(1, n1):
+        c = 0
+        while mono1[t, c] == 0:
+            c += 1
+        e[:] = mono1[t]
+        e[c] -= 1
+        axis[t] = c
+        par[t] = lut[e[0], e[1], e[2]]
+    return up, down, par, axis
+
+
 @njit(cache=True, fastmath=_FAST)
 def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu, sigma, cutoff, width, l_max, mono,
                           mono_p, mono_w, leg, channels):
     """d x[k] / d q_k (N, Q, 3) with the other atoms fixed (the agent kind's gradient), through
-    gradient moments rather than entry Jacobians.
+    moments of one degree more rather than entry Jacobians.
 
-    Moving q_k moves every d_j = q_k - q_j by the same amount, so d x[k] / d q_k needs only the sums
-    over k's entries G[a, n, c, alpha] = sum_{j of a} d(R_n(r_j) u_j^alpha) / d d_j,c
-    = sum_j R_n' u_c u^alpha + R_n / r (d u^alpha / d u_c - |alpha| u^alpha u_c) and
-    DD[a, n, m, c] = sum_j (R_n' R_m + R_n R_m') u_c. Then rho[a, n] has gradient G[a, n, :, 0] and
-    channel (a, b, n, m), order l: sum_p leg[l, p] sum_{|alpha| = p} w_alpha (G[a, n, c, alpha]
-    T[b, m, alpha] + T[a, n, alpha] G[b, m, c, alpha]) - [a == b] DD[a, n, m, c]. Per entry that is
-    3 x n_mono x N_r values to add; the contraction with T is done once per centre."""
+    Moving q_k moves every d_j = q_k - q_j by the same amount; with u = d / r, d u^alpha / d d_c =
+    (alpha_c u^(alpha - e_c) - p u^alpha u_c) / r (p = |alpha|, Euler's relation), so the gradient
+    moments G[a, n, c, alpha] = sum_{j of a} d(R_n(r_j) u_j^alpha) / d d_j,c are
+    M1[a, n, alpha + e_c] - p M2[a, n, alpha + e_c] + alpha_c M2[a, n, alpha - e_c] with, over the
+    monomials beta of degree <= l_max + 1, M1[a, n, beta] = sum_j R_n'(r_j) u_j^beta and
+    M2[a, n, beta] = sum_j R_n(r_j) / r_j u_j^beta: per entry two rows of moments to add, the rest
+    once per centre. Then rho[a, n] has gradient M1[a, n, e_c], and channel (a, b, n, m), order l:
+    sum_p leg[l, p] (M[p, (b, m), (a, n), c] + M[p, (a, n), (b, m), c]) - [a == b] DD[a, n, m, c]
+    with M[p, (b, m), (a, n), c] = sum_{|alpha| = p} w_alpha T[b, m, alpha] G[a, n, c, alpha] and
+    DD[a, n, m, c] = sum_j (R_n' R_m + R_n R_m') u_c (the i = j terms). Measured on a 128 H2O frame
+    (default basis): 3.3 ms, against 5.8 ms accumulating G itself per entry."""
     n = start.shape[0] - 1
     nr = mu.shape[0]
     nm = mono.shape[0]
     nl = l_max + 1
     sr = n_species * nr
+    w3 = 3 * sr
     q = sr + channels.shape[0] * nl
+    up, down, par, axis = gradient_moment_tables(mono, l_max)
+    n1 = par.shape[0]
     out = np.zeros((n, q, 3))
-    gm = np.empty((sr, 3, nm))
+    m1 = np.empty((sr, n1))
+    m2 = np.empty((sr, n1))
     dd = np.empty((sr, nr, 3))
-    mp = np.empty((sr, 3, sr, nl))          # M[(a, n), c, (b, m), p] = sum_{|alpha|=p} w G[a,n,c,alpha] T[b,m,alpha]
-    ua = np.empty((3, nm))
-    ub = np.empty((3, nm))
-    um = np.empty(nm)
-    dum = np.empty((3, nm))
-    pw = np.empty((3, l_max + 2))
-    tw = np.empty((sr, nm))
-    prod = np.empty(nm)
+    um = np.empty(n1)
+    uv = np.empty(3)
+    g = np.empty((nm, w3))                  # G[alpha, (a, n) 3 + c]
+    tw = np.empty((nm, sr))                 # w_alpha T[(b, m), alpha], monomial-major
+    mp = np.empty((nl, sr, w3))             # M[p, (b, m), (a, n) 3 + c]
+    ml = np.empty((nl, sr, w3))             # the same per Legendre order l
     for k in range(n):
-        gm[:, :, :] = 0.0
+        m1[:, :] = 0.0
+        m2[:, :] = 0.0
         dd[:, :, :] = 0.0
         for e in range(start[k], start[k + 1]):
             a = species[nb[e]]
             r = geo[e, 3]
-            u0 = geo[e, 0] / r
-            u1 = geo[e, 1] / r
-            u2 = geo[e, 2] / r
+            uv[0] = geo[e, 0] / r
+            uv[1] = geo[e, 1] / r
+            uv[2] = geo[e, 2] / r
             inv_r = 1.0 / r
-            _monomials(u0, u1, u2, l_max, mono, pw, um, dum)
-            for t in range(nm):
-                v = um[t]
-                pu = mono_p[t] * v
-                ua[0, t] = u0 * v
-                ua[1, t] = u1 * v
-                ua[2, t] = u2 * v
-                ub[0, t] = (dum[0, t] - pu * u0) * inv_r
-                ub[1, t] = (dum[1, t] - pu * u1) * inv_r
-                ub[2, t] = (dum[2, t] - pu * u2) * inv_r
+            um[0] = 1.0
+            for t in range(1, n1):
+                um[t] = um[par[t]] * uv[axis[t]]
             for nn in range(nr):
                 ro = rad_all[e, 0, nn]
                 dro = rad_all[e, 1, nn]
+                wr = ro * inv_r
                 an = a * nr + nn
+                r1 = m1[an]
+                r2 = m2[an]
+                for t in range(n1):
+                    r1[t] += dro * um[t]
+                    r2[t] += wr * um[t]
+                for mm in range(nr):
+                    w = dro * rad_all[e, 0, mm] + ro * rad_all[e, 1, mm]
+                    dd[an, mm, 0] += w * uv[0]
+                    dd[an, mm, 1] += w * uv[1]
+                    dd[an, mm, 2] += w * uv[2]
+        for t in range(nm):
+            p = mono_p[t]
+            for an in range(sr):
                 for c in range(3):
-                    for t in range(nm):
-                        gm[an, c, t] += dro * ua[c, t] + ro * ub[c, t]
-                for m2 in range(nr):
-                    w = dro * rad_all[e, 0, m2] + ro * rad_all[e, 1, m2]
-                    dd[an, m2, 0] += w * u0
-                    dd[an, m2, 1] += w * u1
-                    dd[an, m2, 2] += w * u2
-        # T weighted by the multinomial weights, (species, radial) flattened
+                    g[t, 3 * an + c] = (m1[an, up[c, t]] - p * m2[an, up[c, t]]
+                                        + mono[t, c] * m2[an, down[c, t]])
         for b in range(n_species):
-            for m2 in range(nr):
+            for mm in range(nr):
                 for t in range(nm):
-                    tw[b * nr + m2, t] = mono_w[t] * t_all[k, b, m2, t]
+                    tw[t, b * nr + mm] = mono_w[t] * t_all[k, b, mm, t]
+        mp[:, :, :] = 0.0
+        for t in range(nm):
+            gt = g[t]
+            for bm in range(sr):
+                v = tw[t, bm]
+                row = mp[mono_p[t], bm]
+                for j in range(w3):
+                    row[j] += v * gt[j]
+        for l in range(nl):
+            for bm in range(sr):
+                row = ml[l, bm]
+                row[:] = 0.0
+                for p in range(l + 1):
+                    cl = leg[l, p]
+                    mr = mp[p, bm]
+                    for j in range(w3):
+                        row[j] += cl * mr[j]
         for an in range(sr):
             for c in range(3):
-                g = gm[an, c]
-                for bm in range(sr):
-                    for t in range(nm):         # all degrees in one vectorised pass, then summed per degree
-                        prod[t] = g[t] * tw[bm, t]
-                    t0 = 0
-                    for p in range(nl):
-                        t1 = t0 + (p + 1) * (p + 2) // 2
-                        v = 0.0
-                        for t in range(t0, t1):
-                            v += prod[t]
-                        mp[an, c, bm, p] = v
-                        t0 = t1
-        for an in range(sr):
-            for c in range(3):
-                out[k, an, c] = gm[an, c, 0]            # rho: the alpha = 0 moment
+                out[k, an, c] = m1[an, 1 + c]            # rho: beta = e_c, the monomials of degree 1
         for ch in range(channels.shape[0]):
             a = channels[ch, 0]
             b = channels[ch, 1]
@@ -825,9 +880,7 @@ def angular_self_gradient(start, nb, geo, species, t_all, rad_all, n_species, mu
             base = sr + ch * nl
             for l in range(nl):
                 for c in range(3):
-                    v = 0.0
-                    for p in range(l + 1):
-                        v += leg[l, p] * (mp[an, c, bm, p] + mp[bm, c, an, p])
+                    v = ml[l, bm, 3 * an + c] + ml[l, an, 3 * bm + c]
                     if a == b:
                         v -= dd[an, channels[ch, 3], c]
                     out[k, base + l, c] = v

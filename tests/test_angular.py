@@ -89,7 +89,7 @@ def test_water_molecule_by_hand():
     assert_allclose(x[1, 10:], 0.0, atol=1e-15)
 
 
-@pytest.mark.parametrize("couplings,l_max", [("diagonal", 3), ("all", 3), ("all", 0)])
+@pytest.mark.parametrize("couplings,l_max", [("diagonal", 3), ("all", 3), ("all", 0), ("all", 4)])
 def test_jacobian_and_forces_equal_finite_differences(couplings, l_max):
     basis = AngularBasis(BASIS.mu_angstrom, BASIS.sigma_angstrom, 4.0, 1.0, l_max, couplings)
     pos, box, species = random_cluster(seed=2)
