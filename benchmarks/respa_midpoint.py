@@ -122,6 +122,8 @@ def main(argv=None) -> dict:
         full(q)
     verlet_s = 2000 * (time.perf_counter() - t) / 20          # one force evaluation per 0.5 fs step
     out["speed_vs_verlet_05fs"] = verlet_s * out["ran_fs"] / 1000 / out["wall_s"]
+    if len(r):
+        out["max_energy_error_ev"] = float(np.abs(r[:, 1] - e0).max())
     if len(r) > 10:
         out.update(drift_mev_per_atom_ps=float(np.polyfit(r[:, 0] / 1000, r[:, 1], 1)[0] / len(species) * 1000),
                    t_h=float(r[:, 2].mean()), t_o=float(r[:, 3].mean()))
