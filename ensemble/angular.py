@@ -367,19 +367,14 @@ def _monomial_values(u0, u1, u2, l_max, mono, pw, um, j):
 def shift_tables(mono, l_max):
     """For the monomials beta of degree < l_max (the first ones, monomials being stored by degree):
     up[c, beta] = index of beta + e_c and cf[c, beta] = its exponent of u_c (beta_c + 1), so that
-    d/du_c sum_alpha W_alpha u^alpha = sum_beta cf[c, beta] W[up[c, beta]] u^beta."""
+    d/du_c sum_alpha W_alpha u^alpha = sum_beta cf[c, beta] W[up[c, beta]] u^beta (the first rows
+    of :func:`gradient_moment_tables`' ``up``)."""
     n_low = l_max * (l_max + 1) * (l_max + 2) // 6
-    up = np.zeros((3, n_low), np.int64)
+    up_all, _, _, _ = gradient_moment_tables(mono, l_max)
+    up = np.ascontiguousarray(up_all[:, :n_low])
     cf = np.zeros((3, n_low))
     for t in range(n_low):
         for c in range(3):
-            for v in range(mono.shape[0]):
-                ok = True
-                for d in range(3):
-                    if mono[v, d] != mono[t, d] + (1 if d == c else 0):
-                        ok = False
-                if ok:
-                    up[c, t] = v
             cf[c, t] = mono[t, c] + 1.0
     return up, cf
 
