@@ -33,11 +33,11 @@ for _v in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from ensemble.data import load_default  # noqa: E402
-from ensemble.md.action import ActionModel, ModelPotential, action_integrator, default_features  # noqa: E402
-from ensemble.md.integrators import _accel, kinetic_energy  # noqa: E402
+from ensemble.md.action import (ActionDivergence, ActionModel, ModelPotential, action_integrator,  # noqa: E402
+                                default_features)
+from ensemble.md.integrators import _accel, kinetic_energy, temperature  # noqa: E402
 from ensemble.md.respa import intramolecular_split, short_range_split  # noqa: E402
 from ensemble.model import load_model  # noqa: E402
-from ensemble.units import BOLTZMANN_EV_K  # noqa: E402
 
 
 class FastPart:
@@ -87,8 +87,8 @@ def main(argv=None) -> dict:
     f, e = full(q)
     is_h = species == "H"
 
-    def temperature(vel, atoms):
-        return 2 * kinetic_energy(vel[atoms], masses[atoms]) / (3 * atoms.sum() * BOLTZMANN_EV_K)
+    def species_temperature(vel, atoms):
+        return temperature(vel[atoms], masses[atoms], dof=3 * int(atoms.sum()))
 
     e0 = kinetic_energy(v, masses) + e
     rows, its = [], []
@@ -102,14 +102,14 @@ def main(argv=None) -> dict:
                 state = step_m(replace(state, positions=q, velocities=v))
                 q, v = state.positions, state.velocities
                 its.append(state.aux["iterations"])
-        except Exception as exc:                       # the fixed point's divergence ends the run
+        except ActionDivergence as exc:                # the fixed point's divergence ends the run
             failed = str(exc)
             break
         ff, _ = fast.forces(q)
         f, e = full(q)
         n_full += 1
         v = v + 0.5 * h * _accel(f - ff, masses)
-        rows.append(((s + 1) * h, kinetic_energy(v, masses) + e, temperature(v, is_h), temperature(v, ~is_h)))
+        rows.append(((s + 1) * h, kinetic_energy(v, masses) + e, species_temperature(v, is_h), species_temperature(v, ~is_h)))
         if (s + 1) % max(1, a.steps // 20) == 0:
             r = np.array(rows[-50:])
             print(f"t {rows[-1][0]:7.0f} fs  E - E0 {rows[-1][1] - e0:+.4f} eV  T_H {r[:, 2].mean():.0f} K  "
