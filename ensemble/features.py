@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit
 
 from .angular import AngularArrays, AngularBasis, AngularFrame, angular_frame, neighbour_csr
-from .invariants import WeightSet, _weight, neighbour_pairs
+from .invariants import WeightSet, neighbour_pairs, weight_plan, weight_values
 
 __all__ = ["QUADRATIC", "FeatureSpec", "FrameTerms", "frame_terms", "feature_forces", "pair_csr_terms"]
 
@@ -213,53 +213,52 @@ class FeatureSpec:
 
 
 # --------------------------------------------------------------------------- kernels
-@njit(cache=True, inline="always")
-def _pair_entry_terms(e, r, fc, dfc, m_w, kinds, params, g, phi_k, base_k, phi_i, base_i, both):
-    """Weights of one CSR entry: g[e] and its share of phi_k (and of phi_i when ``both``)."""
-    for mm in range(m_w):
-        w, dw = _weight(kinds[mm], params[mm], r)
-        phi_k[base_k + mm] += w * fc
-        if both:
-            phi_i[base_i + mm] += w * fc
-        g[e, mm] = (dw * fc + w * dfc) / r
-
-
 @njit(cache=True)
 def pair_csr_terms(start, nb, geo, species, n_species, kinds, params):
     """Pair invariants phi (N, S * M) and per CSR entry g (E, M) = (w_m fc)'(r) / r, so that the
     entry's term of phi[k, (s_nb, m)] has derivative g[e, m] * d w.r.t. q_k (d = geo[e, :3]).
 
-    The weights of a pair are evaluated once for both of its entries: entry (k, i), k < i, finds its
-    mirror (i, k) with a cursor per atom (each atom's partners below it come first and ascending in
-    the lists of :func:`ensemble.angular.neighbour_csr`); an entry without a mirror where expected
-    is evaluated on its own. Every phi[k] still receives its terms in the order of k's list."""
+    The weights of a pair are evaluated once for both of its entries (:func:`weight_values`):
+    entry (k, i), k < i, finds its mirror (i, k) with a cursor per atom (each atom's partners below
+    it come first and ascending in the lists of :func:`ensemble.angular.neighbour_csr`); an entry
+    without a mirror where expected is evaluated on its own. Every phi[k] still receives its terms
+    in the order of k's list. The mirrors' g rows are copied in a second pass, in storage order:
+    written from the first pass, each would land in another atom's list (on large systems a cache
+    and TLB miss per pair)."""
     n = start.shape[0] - 1
     m_w = kinds.shape[0]
+    plan = weight_plan(kinds, params)
+    w = np.empty(m_w)
+    dw = np.empty(m_w)
     phi = np.zeros((n, n_species * m_w))
     g = np.empty((nb.shape[0], m_w))
-    done = np.zeros(nb.shape[0], np.bool_)
+    mirror_of = np.full(nb.shape[0], -1, np.int64)      # entry t's g is that of entry mirror_of[t]
     cursor = start[:n].copy()
     for k in range(n):
         base_k = species[k] * m_w
         for e in range(start[k], start[k + 1]):
             i = nb[e]
-            base = species[i] * m_w
-            if i < k:
-                if not done[e]:
-                    _pair_entry_terms(e, geo[e, 3], geo[e, 4], geo[e, 5], m_w, kinds, params, g, phi[k], base,
-                                      phi[k], base, False)
+            if i < k and mirror_of[e] >= 0:
                 continue
-            t = cursor[i]
-            if i > k and t < start[i + 1] and nb[t] == k:
+            base = species[i] * m_w
+            t = cursor[i] if i > k else 0
+            both = i > k and t < start[i + 1] and nb[t] == k
+            fc = geo[e, 4]
+            dfc = geo[e, 5]
+            ir = weight_values(kinds, plan, geo[e, 3], w, dw)
+            for mm in range(m_w):
+                phi[k, base + mm] += w[mm] * fc
+                g[e, mm] = (dw[mm] * fc + w[mm] * dfc) * ir
+            if both:
                 cursor[i] = t + 1
-                _pair_entry_terms(e, geo[e, 3], geo[e, 4], geo[e, 5], m_w, kinds, params, g, phi[k], base,
-                                  phi[i], base_k, True)
+                mirror_of[t] = e
                 for mm in range(m_w):
-                    g[t, mm] = g[e, mm]
-                done[t] = True
-            else:
-                _pair_entry_terms(e, geo[e, 3], geo[e, 4], geo[e, 5], m_w, kinds, params, g, phi[k], base,
-                                  phi[k], base, False)
+                    phi[i, base_k + mm] += w[mm] * fc
+    for t in range(nb.shape[0]):
+        e = mirror_of[t]
+        if e >= 0:
+            for mm in range(m_w):
+                g[t, mm] = g[e, mm]
     return phi, g
 
 

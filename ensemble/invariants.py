@@ -116,6 +116,82 @@ def _weight(kind, p, r):
     return w, -p * w / r
 
 
+#: the most squarings between a weight function's value and the exp it is computed from: each one
+#: doubles the relative rounding error, so 3 keeps it within 8x that of one exp (about 1e-15)
+MAX_SQUARINGS = 3
+
+
+@njit(cache=True)
+def weight_plan(kinds, params):
+    """How :func:`weight_values` evaluates a weight set, one exp per family instead of one per function.
+
+    Returns (coef, source, squarings, order): coef[m] the function's coefficient (alpha of
+    exp(-alpha r), c = 1 / (2 sigma^2) of exp(-c r^2), n of r^-n); source[m] another function of the
+    same kind whose coefficient is exactly half or a quarter of coef[m] (its value squared once or
+    twice is w_m: exp(-2 a) = exp(-a)^2), or -1 where w_m is computed directly; squarings[m] how
+    many; order: the functions by increasing coefficient, so every source comes before its users.
+    A chain of sources holds at most :data:`MAX_SQUARINGS` squarings in all. The paper's 18
+    functions need 9 exps per distance instead of 16."""
+    m_w = kinds.shape[0]
+    coef = np.empty(m_w)
+    for m in range(m_w):
+        coef[m] = 1.0 / (2.0 * params[m] * params[m]) if kinds[m] == GAUSSIAN else params[m]
+    order = np.argsort(coef, kind="mergesort")
+    source = np.full(m_w, -1, np.int64)
+    squarings = np.zeros(m_w, np.int64)
+    depth = np.zeros(m_w, np.int64)              # squarings from the direct exp to this function's value
+    for q in range(m_w):
+        m = order[q]
+        for want in (1, 2):                      # a half before a quarter: the shorter step
+            if source[m] >= 0:
+                break
+            for qq in range(q):
+                j = order[qq]
+                if (kinds[j] == kinds[m] and coef[j] * 2.0 ** want == coef[m]
+                        and depth[j] + want <= MAX_SQUARINGS):
+                    source[m] = j
+                    squarings[m] = want
+                    depth[m] = depth[j] + want
+                    break
+    return coef, source, squarings, order
+
+
+@njit(cache=True, inline="always")
+def weight_values(kinds, plan, r, w, dw):
+    """w_m(r) and dw_m/dr of every function of a weight set into w, dw (M,), following ``plan``
+    (:func:`weight_plan`); returns 1 / r."""
+    coef, source, squarings, order = plan
+    ir = 1.0 / r
+    r2 = r * r
+    for q in range(order.shape[0]):
+        m = order[q]
+        c = coef[m]
+        kind = kinds[m]
+        s = source[m]
+        if s >= 0:
+            x = w[s]
+            for _ in range(squarings[m]):
+                x = x * x
+        elif kind == EXPONENTIAL:
+            x = np.exp(-c * r)
+        elif kind == GAUSSIAN:
+            x = np.exp(-c * r2)
+        elif c == 1.0:
+            x = ir
+        elif c == 2.0:
+            x = ir * ir
+        else:
+            x = r ** (-c)
+        w[m] = x
+        if kind == EXPONENTIAL:
+            dw[m] = -c * x
+        elif kind == GAUSSIAN:
+            dw[m] = -2.0 * c * r * x
+        else:
+            dw[m] = -c * x * ir
+    return ir
+
+
 @njit(cache=True, inline="always")
 def _minimum_image(k, i, pos, box):
     """q_k - q_i under the minimum-image convention (orthorhombic box)."""
@@ -157,21 +233,21 @@ def smooth_cutoff(r, cutoff, width):
 
 
 @njit(cache=True)
-def _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad):
+def _pair(k, i, pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw):
     """Add pair (k, i) to both atoms' invariants and self-gradients (nothing beyond the cutoff).
 
-    Each weight function is evaluated once per pair: phi[k, s_i] and phi[i, s_k] get the
-    same value, the self-gradients opposite vectors.
+    Each weight function is evaluated once per pair (``plan``: :func:`weight_plan`; w, dw: scratch
+    (M,)): phi[k, s_i] and phi[i, s_k] get the same value, the self-gradients opposite vectors.
     """
     inside, dx, dy, dz, r, fc, dfc = pair_geometry(k, i, pos, box, cutoff, width)
     if not inside:
         return
     a = species[i]
     b = species[k]
+    ir = weight_values(kinds, plan, r, w, dw)
     for m in range(kinds.shape[0]):
-        w, dw = _weight(kinds[m], params[m], r)
-        v = w * fc
-        g = (dw * fc + w * dfc) / r
+        v = w[m] * fc
+        g = (dw[m] * fc + w[m] * dfc) * ir
         phi[k, a, m] += v
         phi[i, b, m] += v
         grad[k, a, m, 0] += g * dx
@@ -183,11 +259,11 @@ def _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad):
 
 
 @njit(cache=True)
-def _all_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad):
+def _all_pairs(pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw):
     n = pos.shape[0]
     for k in range(n):
         for i in range(k + 1, n):
-            _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad)
+            _pair(k, i, pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw)
 
 
 @njit(cache=True)
@@ -338,13 +414,16 @@ def invariants_frame(pos, box, species, n_species, kinds, params, cutoff, width)
     m = kinds.shape[0]
     phi = np.zeros((n, n_species, m))
     grad = np.zeros((n, n_species, m, 3))
+    plan = weight_plan(kinds, params)
+    w = np.empty(m)
+    dw = np.empty(m)
     # a pair list (cell lists where they pay off, pairs_within) with >= 3 cells per edge; else every image pair
     if cutoff > 0.0 and box[0] >= 3 * cutoff and box[1] >= 3 * cutoff and box[2] >= 3 * cutoff:
         pairs = neighbour_pairs(pos, box, cutoff)
         for q in range(pairs.shape[0]):
-            _pair(pairs[q, 0], pairs[q, 1], pos, box, species, kinds, params, cutoff, width, phi, grad)
+            _pair(pairs[q, 0], pairs[q, 1], pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw)
     else:
-        _all_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad)
+        _all_pairs(pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw)
     return phi, grad
 
 

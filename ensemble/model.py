@@ -40,8 +40,8 @@ from numba import njit
 from . import __version__
 from .angular import AngularBasis, angular_frame, angular_linear_forces, neighbour_csr
 from .features import FeatureSpec, feature_forces, frame_terms
-from .invariants import (VerletList, WeightSet, _weight, check_cutoff, invariants_frame, neighbour_pairs, pair_geometry,
-                         species_index)
+from .invariants import (VerletList, WeightSet, check_cutoff, invariants_frame, neighbour_pairs, pair_geometry,
+                         species_index, weight_plan, weight_values)
 from .prior import ShortRangePrior, prior_energy_forces
 from .units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2
 from .errors import UserError
@@ -102,6 +102,9 @@ def conservative_forces_pairs(pos, box, species, n_species, kinds, params, cutof
     """
     n = pos.shape[0]
     m_w = kinds.shape[0]
+    plan = weight_plan(kinds, params)
+    w = np.empty(m_w)
+    dw = np.empty(m_w)
     f = np.zeros((n, 3))
     for q in range(pairs.shape[0]):
         k = pairs[q, 0]
@@ -112,10 +115,10 @@ def conservative_forces_pairs(pos, box, species, n_species, kinds, params, cutof
         ak = species[i] * m_w
         ai = species[k] * m_w
         s = 0.0
+        ir = weight_values(kinds, plan, r, w, dw)
         for mm in range(m_w):
-            w, dw = _weight(kinds[mm], params[mm], r)
-            s += (dh[k, ak + mm] + dh[i, ai + mm]) * (dw * fc + w * dfc)
-        s /= r
+            s += (dh[k, ak + mm] + dh[i, ai + mm]) * (dw[mm] * fc + w[mm] * dfc)
+        s *= ir
         f[k, 0] -= s * dx
         f[k, 1] -= s * dy
         f[k, 2] -= s * dz
@@ -132,6 +135,9 @@ def pair_terms(pos, box, species, n_species, kinds, params, cutoff, width, pairs
     forces of either kind follow without evaluating any weight function again."""
     n = pos.shape[0]
     m_w = kinds.shape[0]
+    plan = weight_plan(kinds, params)
+    w = np.empty(m_w)
+    dw = np.empty(m_w)
     phi = np.zeros((n, n_species * m_w))
     g = np.zeros((pairs.shape[0], m_w))
     d = np.zeros((pairs.shape[0], 3))
@@ -146,11 +152,11 @@ def pair_terms(pos, box, species, n_species, kinds, params, cutoff, width, pairs
         d[q, 2] = dz
         ak = species[i] * m_w
         ai = species[k] * m_w
+        ir = weight_values(kinds, plan, r, w, dw)
         for mm in range(m_w):
-            w, dw = _weight(kinds[mm], params[mm], r)
-            phi[k, ak + mm] += w * fc
-            phi[i, ai + mm] += w * fc
-            g[q, mm] = (dw * fc + w * dfc) / r
+            phi[k, ak + mm] += w[mm] * fc
+            phi[i, ai + mm] += w[mm] * fc
+            g[q, mm] = (dw[mm] * fc + w[mm] * dfc) * ir
     return phi, g, d
 
 

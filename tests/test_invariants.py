@@ -64,6 +64,48 @@ def test_three_atoms_summed_by_hand():
     assert_allclose(grad[1, 1, 3], -2 / r23**4 * (pos[1] - pos[2]))
 
 
+def test_weight_plan_shares_exps_and_matches_each_function_evaluated_alone():
+    from numba import njit
+
+    from ensemble.invariants import MAX_SQUARINGS, _weight, weight_plan, weight_values
+
+    @njit
+    def all_values(kinds, params, r):
+        plan = weight_plan(kinds, params)
+        w = np.empty((r.size, kinds.size))
+        dw = np.empty((r.size, kinds.size))
+        for q in range(r.size):
+            weight_values(kinds, plan, r[q], w[q], dw[q])
+        return w, dw
+
+    coef, source, squarings, order = weight_plan(KINDS, PARAMS)
+    # the paper's 18: exp 1/8 -> 1/4 -> 1/2 -> 1 and 1/6 -> 1/3; Gaussian sigma 8 -> 4 and 2 -> 1 and
+    # 6 -> 3 (sigma 4 -> 2 would make 4 squarings from sigma 8); power 1 -> 2
+    direct = {W.labels[m] for m in np.flatnonzero(source < 0)}
+    assert direct == {"exp(alpha=1/8)", "exp(alpha=1/6)", "exp(alpha=1/5)", "exp(alpha=1/7)", "gauss(sigma=8)",
+                      "gauss(sigma=2)", "gauss(sigma=6)", "gauss(sigma=5)", "gauss(sigma=7)", "power(n=1)"}
+    assert W.labels[source[0]] == "exp(alpha=1/2)" and squarings[0] == 1
+    assert W.labels[source[8]] == "gauss(sigma=2)" and squarings[8] == 2
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    assert (rank[source[source >= 0]] < rank[source >= 0]).all()          # sources first
+    for m in range(len(W)):                                               # chains within the cap
+        total, j = 0, m
+        while source[j] >= 0:
+            total, j = total + squarings[j], source[j]
+        assert total <= MAX_SQUARINGS
+    # against each function on its own (exp per function), over the distances the features see
+    r = np.linspace(0.6, 14.0, 2001)
+    w, dw = all_values(KINDS, PARAMS, r)
+    for m in range(len(W)):
+        ref = np.array([_weight(KINDS[m], PARAMS[m], x) for x in r])
+        assert_allclose(w[:, m], ref[:, 0], rtol=4e-15, atol=0)
+        assert_allclose(dw[:, m], ref[:, 1], rtol=4e-15, atol=0)
+    # a set without power-of-two relations evaluates every function directly
+    lone = WeightSet((EXPONENTIAL, GAUSSIAN, POWER), (0.3, 1.5, 3.0))
+    assert (weight_plan(*lone.arrays())[1] == -1).all()
+
+
 def test_invariance_under_translation_permutation_and_image_shift():
     pos, box, species = random_system(seed=3)
     phi, grad = phi_of(pos, box, species)
@@ -108,10 +150,11 @@ def test_cutoff_mode_equals_paper_mode_when_cutoff_exceeds_every_distance():
 def test_cell_lists_equal_all_pairs_and_cutoff_is_smooth():
     pos, box, species = random_system(n=60, seed=6, box=14.0)
     cl = phi_of(pos, box, species, cutoff=3.4, width=1.0)           # 4 cells per edge: cell lists
-    from ensemble.invariants import _all_pairs
+    from ensemble.invariants import _all_pairs, weight_plan
     phi = np.zeros((60, 2, len(W)))
     grad = np.zeros((60, 2, len(W), 3))
-    _all_pairs(pos, box, species, KINDS, PARAMS, 3.4, 1.0, phi, grad)
+    _all_pairs(pos, box, species, KINDS, weight_plan(KINDS, PARAMS), 3.4, 1.0, phi, grad, np.empty(len(W)),
+               np.empty(len(W)))
     assert (phi > 0).any(axis=(0, 2)).all()
     assert_allclose(cl[0], phi, rtol=1e-12, atol=1e-15)
     assert_allclose(cl[1], grad, rtol=1e-12, atol=1e-15)
