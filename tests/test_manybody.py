@@ -343,6 +343,27 @@ def test_blas_conservative_rows_equal_the_scatter_kernel(water, cutoff, angular,
         assert np.isnan(got[:, 0]).all() and np.isnan(got[:, 1 + support[sp].size:]).all()
 
 
+def test_pair_rows_refuse_quadratic_columns_out_of_triu_order(water):
+    """The pair rows form quadratic column q from the pair (j, l) that np.triu_indices puts there; a
+    list of pairs in any other order would be written to the wrong columns, so it is refused."""
+    from ensemble.fit.design import conservative_pair_rows
+
+    ds = water.isel(atom=slice(0, 30))
+    codes, _ = species_index(ds["species"].values, ["H", "O"])
+    spec = FeatureSpec(2, WS, None, "pair", 4.9, 1.0)
+    terms = frame_terms(ds["positions"].values[0], np.diag(ds["cell"].values), codes, spec)
+    qj, ql = spec.quadratic_pairs()
+    out = np.zeros((90, 2 * spec.block))
+    args = (codes, terms.x, terms.start, terms.nb, terms.geo, terms.g, 2, spec.block, spec.n_features)
+    tail = (3 * np.arange(30, dtype=np.int64), np.tile(np.arange(2 * spec.block, dtype=np.int64), (2, 1)), out)
+    conservative_pair_rows(*args, qj, ql, *tail)
+    assert np.abs(out).max() > 1
+    with pytest.raises(ValueError, match="triu_indices"):
+        conservative_pair_rows(*args, qj[::-1].copy(), ql[::-1].copy(), *tail)
+    with pytest.raises(ValueError, match="triu_indices"):
+        conservative_pair_rows(*args, qj[:-1].copy(), ql[:-1].copy(), *tail)
+
+
 def test_degree_rows_turn_into_the_legendre_gram(water):
     """The reduction writes the conservative angular columns per monomial degree p and turns their
     Gram matrix into Legendre orders once: against the Legendre rows themselves, column by column

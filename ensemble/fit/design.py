@@ -119,15 +119,19 @@ def conservative_feature_rows(terms: FrameTerms, codes: np.ndarray, spec: Featur
 
 # --------------------------------------------------------------------------- conservative rows through BLAS
 @njit(cache=True)
-def _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj, ql, half, avec, y, rows, colmap,
-                        out):
+def _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, nqf, avec, bt, rows, colmap, out):
     """Write atom i's three rows of pair columns from its products b (S, P + 1, 3M) (see
-    :func:`conservative_pair_rows`); design column j goes to column colmap[s_i, j] of ``out``."""
+    :func:`conservative_pair_rows`); design column j goes to column colmap[s_i, j] of ``out``. The
+    quadratic columns are np.triu_indices(nqf) (nqf <= P), each formed in place from Y[j, l] and
+    Y[l, j] (the same bits as forming a P x P matrix Y per row and block and gathering from it, which
+    this replaced). ``avec`` (P,) and ``bt`` (M, P) are scratch; bt holds B_s[l, (m, c)] with l
+    contiguous."""
     p = n_species * m_w
-    nq = qj.shape[0]
     si = species[i]
     xi = x[i]
     cm = colmap[si]
+    lo = si * m_w                 # the features of the atom's own species: B_s[j, m_l] enters Y[j, l]
+    hi = lo + m_w
     for c in range(3):
         row = out[rows[i] + c]
         for f in range(p):                   # d phi_f[i] / d q_i, component c
@@ -148,21 +152,30 @@ def _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj,
                 j = cm[col0 + f]
                 if j >= 0:
                     row[j] = v
-            if nq == 0:
+            if nqf == 0:
                 continue
-            # Y[j, l] = [s_i = s] x_j[i] A[l] + [s_i = a_l] B_s[j, m_l]
-            for j in range(p):
+            for m in range(m_w):
+                for l in range(nqf):
+                    bt[m, l] = bs[l, 3 * m + c]
+            q = 0
+            for j in range(nqf):
                 xj = xi[j] if own else 0.0
-                yj = y[j]
-                for l in range(p):
-                    yj[l] = xj * avec[l]
+                aj = avec[j]
                 bj = bs[j]
-                for m in range(m_w):
-                    yj[si * m_w + m] += bj[3 * m + c]
-            for q in range(nq):
-                j = cm[colq + q]
-                if j >= 0:
-                    row[j] = -half[q] * (y[qj[q], ql[q]] + y[ql[q], qj[q]])
+                jin = lo <= j < hi
+                btj = bt[j - lo] if jin else bt[0]
+                for l in range(j, nqf):
+                    # Y[j, l] = [s_i = s] x_j[i] A[l] + [s_i = a_l] B_s[j, m_l], and Y[l, j]
+                    yjl = xj * avec[l]
+                    if lo <= l < hi:
+                        yjl += bj[3 * (l - lo) + c]
+                    ylj = (xi[l] if own else 0.0) * aj
+                    if jin:
+                        ylj += btj[l]
+                    col = cm[colq + q]
+                    if col >= 0:
+                        row[col] = -(0.5 if l == j else 1.0) * (yjl + ylj)
+                    q += 1
 
 
 #: atoms per BLAS product when every atom neighbours every other (paper mode)
@@ -181,8 +194,9 @@ def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_fe
     / d q_i, the self gradient, since the list is symmetric). Row (i, c) of block s:
     linear f = (a, m): -[s_i = a] B_s[P, m] - [s_i = s] B_a[P, m];
     quadratic (j, l), l = (a_l, m_l): -(Y[j, l] + Y[l, j]) (diagonal -Y[f, f]) with
-    Y[j, l] = [s_i = s] x_j[i] B_(a_l)[P, m_l] + [s_i = a_l] B_s[j, m_l], formed as a P x P
-    matrix per row and block. Quadratic columns must lie among the pair features.
+    Y[j, l] = [s_i = s] x_j[i] B_(a_l)[P, m_l] + [s_i = a_l] B_s[j, m_l], formed per column in place.
+    The quadratic columns (qj, ql) must be np.triu_indices over the first pair features (a ValueError
+    otherwise).
 
     B_s = X^T G with X the neighbours' features (and 1), G their g_m d: gathered per atom from its
     neighbour list; when every atom neighbours every other (paper mode) X is the same for all atoms
@@ -193,10 +207,20 @@ def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_fe
     mc = 3 * m_w
     nq = qj.shape[0]
     avec = np.empty(p)
-    y = np.empty((p, p))
-    half = np.empty(nq)                 # the diagonal column is 1/2 x_f^2: -Y[f, f], not -(Y + Y^T)
-    for q in range(nq):
-        half[q] = 0.5 if qj[q] == ql[q] else 1.0
+    bt = np.empty((m_w, p))
+    nqf = 0                             # the quadratic columns must be np.triu_indices(nqf), nqf <= P
+    while nqf * (nqf + 1) // 2 < nq:
+        nqf += 1
+    triu = nqf * (nqf + 1) // 2 == nq and nqf <= p
+    q = 0
+    for j in range(nqf if triu else 0):
+        for l in range(j, nqf):
+            if qj[q] != j or ql[q] != l:
+                triu = False
+            q += 1
+    if not triu:
+        raise ValueError("conservative_pair_rows: the quadratic columns (qj, ql) must be np.triu_indices(n) over the "
+                         "first n <= P pair features, as FeatureSpec.quadratic_pairs makes them")
     width = 1
     dense = True
     for k in range(n):
@@ -243,7 +267,7 @@ def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_fe
                 np.dot(xs[s, :counts[s]].T, gb[s, :counts[s]], bb[s])
             for ii in range(nbk):
                 _assemble_pair_rows(i0 + ii, species, x, bb[:, :, ii * mc:(ii + 1) * mc], n_species, m_w, block,
-                                    n_features, qj, ql, half, avec, y, rows, colmap, out)
+                                    n_features, nqf, avec, bt, rows, colmap, out)
         return
     xg = np.empty((n_species, width, p + 1))
     gg = np.empty((n_species, width, mc))
@@ -274,8 +298,7 @@ def conservative_pair_rows(species, x, start, nb, geo, g, n_species, block, n_fe
                 np.dot(xg[s, :cnt[s]].T, gg[s, :cnt[s]], b[s])
             else:
                 b[s, :, :] = 0.0
-        _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, qj, ql, half, avec, y, rows, colmap,
-                            out)
+        _assemble_pair_rows(i, species, x, b, n_species, m_w, block, n_features, nqf, avec, bt, rows, colmap, out)
 
 
 def _quadratic_angular(spec: FeatureSpec) -> bool:
