@@ -233,21 +233,21 @@ def smooth_cutoff(r, cutoff, width):
 
 
 @njit(cache=True)
-def _pair(k, i, pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw):
+def _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad):
     """Add pair (k, i) to both atoms' invariants and self-gradients (nothing beyond the cutoff).
 
-    Each weight function is evaluated once per pair (``plan``: :func:`weight_plan`; w, dw: scratch
-    (M,)): phi[k, s_i] and phi[i, s_k] get the same value, the self-gradients opposite vectors.
+    Each weight function is evaluated once per pair: phi[k, s_i] and phi[i, s_k] get the
+    same value, the self-gradients opposite vectors.
     """
     inside, dx, dy, dz, r, fc, dfc = pair_geometry(k, i, pos, box, cutoff, width)
     if not inside:
         return
     a = species[i]
     b = species[k]
-    ir = weight_values(kinds, plan, r, w, dw)
     for m in range(kinds.shape[0]):
-        v = w[m] * fc
-        g = (dw[m] * fc + w[m] * dfc) * ir
+        w, dw = _weight(kinds[m], params[m], r)
+        v = w * fc
+        g = (dw * fc + w * dfc) / r
         phi[k, a, m] += v
         phi[i, b, m] += v
         grad[k, a, m, 0] += g * dx
@@ -259,11 +259,11 @@ def _pair(k, i, pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw)
 
 
 @njit(cache=True)
-def _all_pairs(pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw):
+def _all_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad):
     n = pos.shape[0]
     for k in range(n):
         for i in range(k + 1, n):
-            _pair(k, i, pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw)
+            _pair(k, i, pos, box, species, kinds, params, cutoff, width, phi, grad)
 
 
 @njit(cache=True)
@@ -414,16 +414,13 @@ def invariants_frame(pos, box, species, n_species, kinds, params, cutoff, width)
     m = kinds.shape[0]
     phi = np.zeros((n, n_species, m))
     grad = np.zeros((n, n_species, m, 3))
-    plan = weight_plan(kinds, params)
-    w = np.empty(m)
-    dw = np.empty(m)
     # a pair list (cell lists where they pay off, pairs_within) with >= 3 cells per edge; else every image pair
     if cutoff > 0.0 and box[0] >= 3 * cutoff and box[1] >= 3 * cutoff and box[2] >= 3 * cutoff:
         pairs = neighbour_pairs(pos, box, cutoff)
         for q in range(pairs.shape[0]):
-            _pair(pairs[q, 0], pairs[q, 1], pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw)
+            _pair(pairs[q, 0], pairs[q, 1], pos, box, species, kinds, params, cutoff, width, phi, grad)
     else:
-        _all_pairs(pos, box, species, kinds, plan, cutoff, width, phi, grad, w, dw)
+        _all_pairs(pos, box, species, kinds, params, cutoff, width, phi, grad)
     return phi, grad
 
 

@@ -150,11 +150,10 @@ def test_cutoff_mode_equals_paper_mode_when_cutoff_exceeds_every_distance():
 def test_cell_lists_equal_all_pairs_and_cutoff_is_smooth():
     pos, box, species = random_system(n=60, seed=6, box=14.0)
     cl = phi_of(pos, box, species, cutoff=3.4, width=1.0)           # 4 cells per edge: cell lists
-    from ensemble.invariants import _all_pairs, weight_plan
+    from ensemble.invariants import _all_pairs
     phi = np.zeros((60, 2, len(W)))
     grad = np.zeros((60, 2, len(W), 3))
-    _all_pairs(pos, box, species, KINDS, weight_plan(KINDS, PARAMS), 3.4, 1.0, phi, grad, np.empty(len(W)),
-               np.empty(len(W)))
+    _all_pairs(pos, box, species, KINDS, PARAMS, 3.4, 1.0, phi, grad)
     assert (phi > 0).any(axis=(0, 2)).all()
     assert_allclose(cl[0], phi, rtol=1e-12, atol=1e-15)
     assert_allclose(cl[1], grad, rtol=1e-12, atol=1e-15)
