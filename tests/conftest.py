@@ -8,6 +8,20 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts) runs the tests in parallel worker processes, except a run
+    that selects the ``cluster`` tests: they share one SLURM, started once per session, so they run
+    in this process."""
+    from _pytest.mark.expression import Expression
+
+    markexpr = config.getoption("markexpr") or ""
+    if markexpr:
+        # the cluster tests (test_slurm.py) carry the one mark `cluster`
+        if Expression.compile(markexpr).evaluate(lambda name: name == "cluster"):
+            return 0
+    return None        # xdist's own count (cores), capped by --maxprocesses
+
+
 @pytest.fixture
 def dft_run(tmp_path) -> Path:
     """A writable copy of the real CP2K DFT fixture (32 H2O, steps 1..5)."""
