@@ -265,22 +265,28 @@ def _screen_settings(args, cfg):
 
 def cmd_fit_action(args) -> int:
     from .cluster import open_client
-    from .fit.action import distill, fit_action, format_action_table
+    from .fit.action import check_action_inputs, distill, fit_action, format_action_table
     from .md.action import default_features
     from .model import load_model
 
-    model = load_model(args.model)          # a clear error before any work
+    model = load_model(args.model)          # clear errors before any work and before a cluster starts
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
     if args.dt_fs <= 0:
         raise UsageError(f"--dt-fs must be > 0, got {args.dt_fs}")
+    if model.kind != "conservative":
+        raise UsageError(f"{args.model}: kind {model.kind!r}; the long-step map needs a conservative model")
     features = default_features(model.species, args.cutoff) if args.cutoff else None
     store = args.store
     prov = {}
     if args.distill_ps:
         store = Path(args.distill_out or out.with_suffix(".distill.zarr"))
         stride = args.distill_stride_fs or args.dt_fs
+        lag = args.dt_fs / stride
+        if abs(lag - round(lag)) > 1e-6 * lag or round(lag) < 1:
+            raise UsageError(f"--dt-fs {args.dt_fs:g} must be a whole number of --distill-stride-fs {stride:g} "
+                             f"(the distillation run's frame interval); got {lag:.4g}")
         print(f"distillation: {args.distill_ps:g} ps of velocity Verlet (0.5 fs) with {args.model} from {args.store}, "
               f"frames every {stride:g} fs -> {store}", file=sys.stderr)
         distill(args.model, args.store, store, ps=args.distill_ps, stride_fs=stride, overwrite=args.overwrite)
@@ -288,7 +294,7 @@ def cmd_fit_action(args) -> int:
     else:
         from .io import open_trajectory
 
-        open_trajectory(store)
+        check_action_inputs(open_trajectory(store), model, dt_fs=args.dt_fs, kind=args.kind)
     with open_client(args.scheduler, args.workers):
         rep = fit_action(store, args.model, dt_fs=args.dt_fs, kind=args.kind, features=features,
                          pair_stride=args.pair_stride, chunk_pairs=args.chunk_pairs, ridge=args.ridge,

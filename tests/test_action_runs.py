@@ -138,6 +138,31 @@ def test_fit_action_and_simulate_commands(store, tmp_path, capsys):
     assert "needs --action" in capsys.readouterr().err
 
 
+def test_fit_action_refuses_bad_inputs_before_a_cluster_starts(store, tmp_path, capsys, monkeypatch):
+    import ensemble.cluster
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a cluster was started before the inputs were checked")
+
+    monkeypatch.setattr(ensemble.cluster, "open_client", no_cluster)
+    out = tmp_path / "a.json"
+    base = ["fit-action", str(store), "--model", str(MODEL), "--out", str(out)]
+    cases = [
+        (["--dt-fs", "0.7"], "dt_fs 0.7 must be a whole number of the store's frame interval (0.5 fs, uniform); "
+                             "got 1.4 frames"),
+        (["--dt-fs", "1000"], "frames hold 0 pairs 2000 frames apart; need >= 2"),
+        (["--dt-fs", "2", "--model", str(DATA / "models" / "agent-paper.json")],
+         "agent-paper.json: kind 'agent'; the long-step map needs a conservative model"),
+        (["--dt-fs", "2", "--distill-ps", "1", "--distill-stride-fs", "1.5"],
+         "--dt-fs 2 must be a whole number of --distill-stride-fs 1.5"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []          # nothing written, no distillation run
+
+
 def test_direct_predictor_fits_and_runs(store, tmp_path):
     import dask
 

@@ -40,7 +40,7 @@ from ..model import Model, load_model
 from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2 as EV_TO_INTERNAL
 from .gram import SPLITS, Splits, frame_splits, solve_ridge
 
-__all__ = ["ActionGram", "accumulate_action_gram", "pair_gram", "n_columns", "errors", "baseline_coef", "solve_action", "fit_action", "distill", "pair_rows",
+__all__ = ["ActionGram", "check_action_inputs", "accumulate_action_gram", "pair_gram", "n_columns", "errors", "baseline_coef", "solve_action", "fit_action", "distill", "pair_rows",
            "RIDGES", "ActionFitReport", "format_action_table"]
 
 RIDGES = (1e-10, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -146,13 +146,15 @@ class ActionGram:
         return z[:c, :c], z[:c, c], float(z[c, c]), n
 
 
-def accumulate_action_gram(ds: xr.Dataset, model: Model, *, dt_fs: float, kind: str = "action",
-                           features: PairFeatures | None = None, splits: Splits = Splits(0.0, 0.8, 0.1, 0.1),
-                           chunk_pairs: int = 50, reverse: bool = True, pair_stride: int = 1) -> ActionGram:
-    """One pass over the pairs (frame t, frame t + lag) of a trajectory, lag = dt_fs / frame
-    interval; dask-parallel over chunks of pair starts (the active scheduler)."""
+def check_action_inputs(ds: xr.Dataset, model: Model, *, dt_fs: float, kind: str = "action") -> int:
+    """What a fit of a ``kind`` map of step ``dt_fs`` on ``ds`` for ``model`` needs, checked before any
+    work (the command line calls it before it starts a cluster): a conservative model that knows the
+    store's species, frames at a uniform interval that divides ``dt_fs``, >= 2 pairs. Returns the lag
+    in frames."""
     if kind not in ("action", "direct"):
         raise ActionModelError(f"kind must be 'action' or 'direct', got {kind!r}")
+    if model.kind != "conservative":
+        raise ActionModelError(f"kind {model.kind!r} model: the long-step map needs a conservative model")
     time_fs = np.asarray(ds["time"].values, float)
     if time_fs.size < 2:
         raise ActionModelError("the store needs at least 2 frames to make pairs")
@@ -165,10 +167,21 @@ def accumulate_action_gram(ds: xr.Dataset, model: Model, *, dt_fs: float, kind: 
     n_pairs = ds.sizes["frame"] - lag
     if n_pairs < 2:
         raise ActionModelError(f"{ds.sizes['frame']} frames hold {max(n_pairs, 0)} pairs {lag} frames apart; need >= 2")
+    species = {str(s) for s in ds["species"].values}
+    if species - set(model.species):
+        raise ActionModelError(f"the store has species {sorted(species)}; the model knows {model.species}")
+    return lag
+
+
+def accumulate_action_gram(ds: xr.Dataset, model: Model, *, dt_fs: float, kind: str = "action",
+                           features: PairFeatures | None = None, splits: Splits = Splits(0.0, 0.8, 0.1, 0.1),
+                           chunk_pairs: int = 50, reverse: bool = True, pair_stride: int = 1) -> ActionGram:
+    """One pass over the pairs (frame t, frame t + lag) of a trajectory, lag = dt_fs / frame
+    interval; dask-parallel over chunks of pair starts (the active scheduler)."""
+    lag = check_action_inputs(ds, model, dt_fs=dt_fs, kind=kind)
+    n_pairs = ds.sizes["frame"] - lag
     species = tuple(str(s) for s in ds["species"].values)
     features = features or default_features(model.species)
-    if set(species) - set(model.species):
-        raise ActionModelError(f"the store has species {sorted(set(species))}; the model knows {model.species}")
     codes = np.array([model.species.index(s) for s in species])
     masses = np.asarray(ds["masses"].values, float)
     from ..invariants import orthorhombic_box
