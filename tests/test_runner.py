@@ -132,12 +132,14 @@ temperature_K = 100000.0
         run = subprocess.Popen([sys.executable, "-m", "ensemble.cli", "run", str(cfg), "--out", str(out),
                                 "--scheduler", address], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-        # kill a worker while both are inside a member (two partial stores on disk)
+        # kill a worker while both are inside a member: two members' stores being written
+        # (members/.<id>.zarr.running, there from a member's first frame to its last; the
+        # .partial-* copies live only while a store is created, too short a window to aim at)
         killed = False
         deadline = time.time() + 240
         while run.poll() is None and time.time() < deadline:
-            partial = list((out / "members").glob(".*.zarr.partial-*")) if (out / "members").exists() else []
-            if len(partial) >= 2 and not killed:
+            running = list((out / "members").glob(".*.zarr.running")) if (out / "members").exists() else []
+            if len(running) >= 2 and not killed:
                 os.kill(procs[1].pid, signal.SIGKILL)
                 killed = True
             time.sleep(0.05)
@@ -150,7 +152,7 @@ temperature_K = 100000.0
         failed = next(s for s in summaries.values() if s["status"] == "failed")
         assert "runaway heating" in failed["error"] and "conservative-T100000" in stderr
         assert "4 of 5 members complete" in stdout
-        assert not list((out / "members").glob(".*partial*"))
+        assert not list((out / "members").glob(".*partial*")) and not list((out / "members").glob(".*.running"))
 
         # a serial run of the same members (one local worker) gives bitwise the same trajectories
         serial = tmp_path / "serial"
