@@ -265,7 +265,7 @@ def _screen_settings(args, cfg):
 
 def cmd_fit_action(args) -> int:
     from .cluster import open_client
-    from .fit.action import check_action_inputs, distill, fit_action, format_action_table
+    from .fit.action import check_action_inputs, distill, fit_action, format_action_table, require_conservative
     from .md.action import default_features
     from .model import load_model
 
@@ -275,8 +275,7 @@ def cmd_fit_action(args) -> int:
         raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
     if args.dt_fs <= 0:
         raise UsageError(f"--dt-fs must be > 0, got {args.dt_fs}")
-    if model.kind != "conservative":
-        raise UsageError(f"{args.model}: kind {model.kind!r}; the long-step map needs a conservative model")
+    require_conservative(model, args.model)
     features = default_features(model.species, args.cutoff) if args.cutoff else None
     store = args.store
     prov = {}

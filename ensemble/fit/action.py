@@ -40,7 +40,7 @@ from ..model import Model, load_model
 from ..units import EV_PER_ANGSTROM_AMU_TO_ANGSTROM_PER_FS2 as EV_TO_INTERNAL
 from .gram import SPLITS, Splits, frame_splits, solve_ridge
 
-__all__ = ["ActionGram", "check_action_inputs", "accumulate_action_gram", "pair_gram", "n_columns", "errors", "baseline_coef", "solve_action", "fit_action", "distill", "pair_rows",
+__all__ = ["ActionGram", "require_conservative", "check_action_inputs", "accumulate_action_gram", "pair_gram", "n_columns", "errors", "baseline_coef", "solve_action", "fit_action", "distill", "pair_rows",
            "RIDGES", "ActionFitReport", "format_action_table"]
 
 RIDGES = (1e-10, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -146,6 +146,12 @@ class ActionGram:
         return z[:c, :c], z[:c, c], float(z[c, c]), n
 
 
+def require_conservative(model: Model, name: str | Path) -> None:
+    """The long-step map belongs to a conservative model; ``name`` (its file) heads the error."""
+    if model.kind != "conservative":
+        raise ActionModelError(f"{name}: kind {model.kind!r}; the long-step map needs a conservative model")
+
+
 def check_action_inputs(ds: xr.Dataset, model: Model, *, dt_fs: float, kind: str = "action") -> int:
     """What a fit of a ``kind`` map of step ``dt_fs`` on ``ds`` for ``model`` needs, checked before any
     work (the command line calls it before it starts a cluster): a conservative model that knows the
@@ -153,8 +159,7 @@ def check_action_inputs(ds: xr.Dataset, model: Model, *, dt_fs: float, kind: str
     in frames."""
     if kind not in ("action", "direct"):
         raise ActionModelError(f"kind must be 'action' or 'direct', got {kind!r}")
-    if model.kind != "conservative":
-        raise ActionModelError(f"kind {model.kind!r} model: the long-step map needs a conservative model")
+    require_conservative(model, "the model")
     time_fs = np.asarray(ds["time"].values, float)
     if time_fs.size < 2:
         raise ActionModelError("the store needs at least 2 frames to make pairs")
@@ -311,8 +316,7 @@ def fit_action(store: str | Path | xr.Dataset, model_path: str | Path, *, dt_fs:
     """Fit an action (or direct) map of step ``dt_fs`` on a store, for the conservative model at
     ``model_path`` (recorded with its sha256)."""
     model = load_model(model_path)
-    if model.kind != "conservative":
-        raise ActionModelError(f"{model_path}: kind {model.kind!r}; the long-step map needs a conservative model")
+    require_conservative(model, model_path)
     ds = store if isinstance(store, xr.Dataset) else open_trajectory(store)
     t0 = time.perf_counter()
     gram = accumulate_action_gram(ds, model, dt_fs=dt_fs, kind=kind, features=features, splits=splits,
