@@ -1,4 +1,4 @@
-"""Command line, in the order of the flow: ``ensemble ingest | info | export | reference | fit |
+"""Command line, in the order of the flow: ``ensemble ingest | info | export | reference | fit | evaluate |
 fit-action | simulate | compare-dynamics | analyze | report | run | demo | bench``.
 
 Configuration (TOML files, options) is read here, at the edge, checked, and passed on as plain
@@ -231,6 +231,70 @@ def cmd_fit(args) -> int:
     png = plot_selection(report, png)
     print(format_table(report, cfg.kind))
     print(f"wrote {out} and {png}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """``ensemble evaluate MODEL STORE...``: the model's force (and energy) errors on stores, checked
+    before a cluster starts; ``--out`` JSON written atomically."""
+    import numpy as np
+
+    from .analysis import split_frame_range
+    from .cluster import open_client
+    from .evaluate import EvaluationError, check_store, evaluate_store, fit_split, format_summary, summarize
+    from .io import open_trajectory
+    from .io.store import atomic_write_text
+    from .model import load_model
+
+    model = load_model(args.model)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        inputs = {"MODEL": args.model} | {f"STORE {i + 1}": split_frame_range(s)[0] for i, s in enumerate(args.store)}
+        refuse_aliasing({"--out": out}, inputs)
+        refuse_existing([out], args.overwrite)
+        check_output_parent(out)
+    if args.chunk_frames is not None and args.chunk_frames < 1:
+        raise UsageError(f"--chunk-frames must be >= 1, got {args.chunk_frames}")
+    jobs = []
+    for spec_ in args.store:
+        path, frames = split_frame_range(spec_)
+        ds = open_trajectory(path)
+        check_store(model, ds, path)
+        if args.split and frames is not None:
+            raise UsageError(f"{spec_!r}: give a frame range or --split, not both")
+        if args.split:
+            index = fit_split(model, ds, path, args.split)
+            if index.size == 0:
+                raise EvaluationError(f"{path}: the fit's {args.split} split has no frames of this store")
+        else:
+            index = np.arange(ds.sizes["frame"])[frames if frames is not None else slice(None)]
+            if index.size == 0:
+                raise UsageError(f"{spec_!r}: the frame range selects no frame of {ds.sizes['frame']}")
+        jobs.append((path, ds, index))
+    spec = _cluster(args, None, "ensemble evaluate")
+    results = []
+    with open_client(spec=spec):
+        for path, ds, index in jobs:
+            results.append(evaluate_store(model, ds, path=path, frames=index, chunk_frames=args.chunk_frames))
+    kind = "many-body" if model.angular is not None else "pair"
+    print(f"model {args.model}: {model.kind}, {kind} ({model.spec.n_features} features per species), "
+          f"species {' '.join(model.species)}; errors of forces ({'eV/Å' if model.kind == 'conservative' else 'mass x accelerations, eV/Å'}), "
+          "relative RMSE as paper eq. 5.2")
+    record = {"format": "ensemble.evaluation/1", "model": str(Path(args.model).resolve()),
+              "model_digest": model.content_digest(), "kind": model.kind, "split": args.split, "stores": []}
+    where = f" ({args.split} split of the fit)" if args.split else ""
+    for (path, ds, index), err in zip(jobs, results):
+        summary = summarize(err)
+        print(format_summary(summary, f"{path}{where}"))
+        record["stores"].append({"path": str(Path(path).resolve()), "target": err.attrs["target"],
+                                 "frame_indices": [int(i) for i in index], **summary})
+    if len(results) > 1:
+        pooled = summarize(results)
+        print(format_summary(pooled, "all stores"))
+        record["all"] = pooled
+    if out is not None:
+        atomic_write_text(out, json.dumps(record, indent=1, allow_nan=False))
+        print(f"wrote {out}")
     return 0
 
 
@@ -596,6 +660,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-frames", type=int, help="frames per dask task")
     _cluster_args(s, "the fit config's [cluster] table")
     s.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("evaluate", help="a fitted model's force (and energy) errors on stores it was not "
+                       "fitted to, or on its fit's own validation / test frames")
+    s.add_argument("model", help="model JSON from `ensemble fit`")
+    s.add_argument("store", nargs="+", help="stores with forces (STORE or STORE:START:STOP[:STRIDE]); several are "
+                   "reported one by one and pooled")
+    s.add_argument("--split", choices=["train", "validation", "test"],
+                   help="only the frames of this split of the model's own fit (the store must be one it was fitted on)")
+    s.add_argument("--out", help="write the figures as JSON (per store, per species; frames evaluated)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--chunk-frames", type=int, help="frames per dask task (default: the store's chunks)")
+    _cluster_args(s, None)
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("simulate", help="learning-based MD with a fitted model, streamed to a zarr store")
     s.add_argument("--model", required=True, help="model JSON from `ensemble fit`")
