@@ -237,11 +237,11 @@ def cmd_fit(args) -> int:
 def cmd_evaluate(args) -> int:
     """``ensemble evaluate MODEL STORE...``: the model's force (and energy) errors on stores, checked
     before a cluster starts; ``--out`` JSON written atomically."""
-    import numpy as np
+    import tempfile
 
     from .analysis import split_frame_range
     from .cluster import open_client
-    from .evaluate import EvaluationError, check_store, evaluate_store, fit_split, format_summary, summarize
+    from .evaluate import evaluate_store, format_summary, summarize
     from .io import open_trajectory
     from .io.store import atomic_write_text
     from .model import load_model
@@ -256,26 +256,18 @@ def cmd_evaluate(args) -> int:
     if args.chunk_frames is not None and args.chunk_frames < 1:
         raise UsageError(f"--chunk-frames must be >= 1, got {args.chunk_frames}")
     jobs = []
-    for spec_ in args.store:
-        path, frames = split_frame_range(spec_)
-        ds = open_trajectory(path)
-        check_store(model, ds, path)
-        if args.split and frames is not None:
-            raise UsageError(f"{spec_!r}: give a frame range or --split, not both")
-        if args.split:
-            index = fit_split(model, ds, path, args.split)
-            if index.size == 0:
-                raise EvaluationError(f"{path}: the fit's {args.split} split has no frames of this store")
-        else:
-            index = np.arange(ds.sizes["frame"])[frames if frames is not None else slice(None)]
-            if index.size == 0:
-                raise UsageError(f"{spec_!r}: the frame range selects no frame of {ds.sizes['frame']}")
-        jobs.append((path, ds, index))
-    spec = _cluster(args, None, "ensemble evaluate")
-    results = []
-    with open_client(spec=spec):
-        for path, ds, index in jobs:
-            results.append(evaluate_store(model, ds, path=path, frames=index, chunk_frames=args.chunk_frames))
+    scratch = tempfile.TemporaryDirectory(prefix="ensemble-evaluate-")
+    try:
+        for spec_ in args.store:
+            path, frames = split_frame_range(spec_)
+            ds = open_trajectory(_as_store(path, Path(scratch.name)))
+            jobs.append(_evaluation_job(model, spec_, path, frames, ds, args.split))
+        spec = _cluster(args, None, "ensemble evaluate")
+        with open_client(spec=spec):
+            results = [evaluate_store(model, ds, path=path, frames=index, chunk_frames=args.chunk_frames)
+                       for path, ds, index in jobs]
+    finally:
+        scratch.cleanup()
     kind = "many-body" if model.angular is not None else "pair"
     print(f"model {args.model}: {model.kind}, {kind} ({model.spec.n_features} features per species), "
           f"species {' '.join(model.species)}; errors of forces ({'eV/Å' if model.kind == 'conservative' else 'mass x accelerations, eV/Å'}), "
@@ -296,6 +288,40 @@ def cmd_evaluate(args) -> int:
         atomic_write_text(out, json.dumps(record, indent=1, allow_nan=False))
         print(f"wrote {out}")
     return 0
+
+
+def _as_store(path: str, scratch: Path) -> Path:
+    """A trajectory store for ``ensemble evaluate``: the path itself, or an ASE-readable file
+    (extxyz with forces, ...) ingested into ``scratch`` (read, checked, and dropped afterwards)."""
+    p = Path(path)
+    if not p.is_file():
+        return p
+    from .io.ase import ingest_ase
+
+    out = scratch / f"{len(list(scratch.iterdir()))}-{p.name}.zarr"
+    report = ingest_ase(p, out)
+    print(f"read {p} through ASE: {report.frames} frames", file=sys.stderr)
+    return out
+
+
+def _evaluation_job(model, spec_: str, path: str, frames, ds, split):
+    """(path, dataset, frame indices) of one STORE argument of ``ensemble evaluate``, checked."""
+    import numpy as np
+
+    from .evaluate import EvaluationError, check_store, fit_split
+
+    check_store(model, ds, path)
+    if split and frames is not None:
+        raise UsageError(f"{spec_!r}: give a frame range or --split, not both")
+    if split:
+        index = fit_split(model, ds, path, split)
+        if index.size == 0:
+            raise EvaluationError(f"{path}: the fit's {split} split has no frames of this store")
+    else:
+        index = np.arange(ds.sizes["frame"])[frames if frames is not None else slice(None)]
+        if index.size == 0:
+            raise UsageError(f"{spec_!r}: the frame range selects no frame of {ds.sizes['frame']}")
+    return path, ds, index
 
 
 def _screen_settings(args, cfg):

@@ -135,6 +135,16 @@ def test_split_of_a_configuration_set_is_the_fits_shuffle(configs, tmp_path):
     other = _store(tmp_path / "other.zarr", load_default().isel(frame=slice(0, 5)), 5)
     with pytest.raises(EvaluationError, match="not a store this model was fitted on"):
         fit_split(report.model, open_trajectory(other), other, "test")
+    # the command line takes the extxyz itself (ingested to a scratch store) and finds the same split
+    report.model.save(tmp_path / "m.json")
+    out = tmp_path / "ev.json"
+    xyz = DATA / "water64-dft-5.extxyz"
+    assert main(["evaluate", str(tmp_path / "m.json"), str(xyz), "--split", "test", "--out", str(out),
+                 "--workers", "1"]) == 0
+    d = json.loads(out.read_text())["stores"][0]
+    assert d["frame_indices"] == index.tolist() and d["path"] == str(xyz.resolve())
+    assert_allclose(d["species"]["O"]["relative_rmse"], s["species"]["O"]["relative_rmse"], rtol=1e-12)
+    assert "energy" not in d and "energy" not in s     # one frame: an offset, but no spread to report
 
 
 def test_cli_evaluates_writes_json_and_reports_energy(configs, tmp_path, capsys):
