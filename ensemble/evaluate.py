@@ -166,10 +166,11 @@ def summarize(errors: list[xr.Dataset] | xr.Dataset) -> dict:
     ``force_rmse_eV_per_A``, ``force_mae_eV_per_A``, ``max_atom_error_eV_per_A``,
     ``reference_rms_force_eV_per_A``; ``all`` the same over every atom; ``energy`` (conservative
     models on stores with energies) ``rmse_meV_per_atom`` after a constant offset per store,
-    ``offset_eV`` (per store), ``mae_meV_per_atom``, ``frames``; ``frames``."""
+    ``offset_eV`` (per store), ``mae_meV_per_atom``, ``frames``; ``frames``; ``worst_frames``: the
+    three frames with the largest atom errors (``store`` is the index in ``errors``)."""
     errors = [errors] if isinstance(errors, xr.Dataset) else list(errors)
     species = list(errors[0]["species"].values)
-    out: dict = {"frames": int(sum(e.sizes["frame"] for e in errors)), "species": {}}
+    out: dict = {"frames": int(sum(e.sizes["frame"] for e in errors)), "stores": len(errors), "species": {}}
     tot = np.zeros(4)
     for sp in species:
         sse = sum(float(e["squared_error"].sel(species=sp).sum()) for e in errors)
@@ -183,6 +184,10 @@ def summarize(errors: list[xr.Dataset] | xr.Dataset) -> dict:
         tot += (sse, yy, sae, comps)
     worst = max(float(e["max_atom_error"].max()) for e in errors)
     out["all"] = _figures(*tot[:3], int(tot[3]), worst)
+    per_frame = [(float(v), k, int(f)) for k, e in enumerate(errors)
+                 for f, v in zip(e["frame"].values, e["max_atom_error"].max("species").values)]
+    out["worst_frames"] = [{"store": k, "frame": f, "max_atom_error_eV_per_A": v}
+                           for v, k, f in sorted(per_frame, reverse=True)[:3]]
     dev, per_atom = [], []
     offsets = []
     for e in errors:
@@ -265,6 +270,12 @@ def format_summary(summary: dict, label: str) -> str:
         lines.append(f"  {name:<8}{f['relative_rmse']:>10.4f}{f['force_rmse_eV_per_A']:>9.4f}"
                      f"{f['force_mae_eV_per_A']:>9.4f}{f['max_atom_error_eV_per_A']:>10.3f}"
                      f"{f['reference_rms_force_eV_per_A']:>10.3f}")
+
+    def where(w):
+        return f"{w['frame']}" + (f" of store {w['store'] + 1}" if summary["stores"] > 1 else "")
+
+    worst = ", ".join(f"{where(w)} ({w['max_atom_error_eV_per_A']:.3f})" for w in summary["worst_frames"])
+    lines.append(f"  largest atom errors in frames {worst} eV/Å")
     e = summary.get("energy")
     if e:
         off = ", ".join(f"{o:.6g}" for o in e["offset_eV"])

@@ -76,6 +76,8 @@ def test_sums_match_a_reference_built_from_the_model_with_known_errors():
     assert_allclose(s["species"]["H"]["force_mae_eV_per_A"], 0.4 / (9 * n_h), rtol=1e-12)
     assert_allclose(s["species"]["O"]["max_atom_error_eV_per_A"], 0.3, rtol=1e-12)
     assert_allclose(s["all"]["max_atom_error_eV_per_A"], 0.4, rtol=1e-12)
+    assert [w["frame"] for w in s["worst_frames"]][:2] == [2, 1]
+    assert_allclose([w["max_atom_error_eV_per_A"] for w in s["worst_frames"]][:2], [0.4, 0.3], rtol=1e-12)
     at_h = np.array([x == "H" for x in species])
     assert_allclose(s["species"]["H"]["relative_rmse"], np.sqrt(0.16 / np.sum(ref[:, at_h] ** 2)), rtol=1e-12)
     assert_allclose(s["all"]["reference_rms_force_eV_per_A"], np.sqrt(np.mean(ref ** 2)), rtol=1e-12)
